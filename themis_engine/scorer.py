@@ -1,0 +1,302 @@
+"""The scorer: chat conversations in, one float32 reward per criterion out.
+
+Conversations are tokenized with the tokenizer's chat template; the K responses to one prompt form
+a group whose longest common token prefix is computed once; groups are packed into token-budget
+micro-batches (packing.py) and run through the model under `torch.inference_mode`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import packing
+from .model import RewardModel
+
+logger = logging.getLogger("themis_engine")
+
+Message = dict[str, str]
+Conversation = list[Message]
+OVERFLOW_POLICIES = ("truncate", "skip", "error")
+
+
+class InputError(ValueError):
+    """Bad input to the scorer; the message names the item."""
+
+
+@dataclass
+class ScoreReport:
+    """What the last scoring call did (counts, so nothing is lost silently)."""
+
+    sequences: int = 0
+    truncated: int = 0  # sequences whose response was cut to max_length (closing tokens kept)
+    skipped: int = 0  # sequences not scored (on_overflow="skip"); their rows are NaN
+    micro_batches: int = 0
+    tokens_computed: int = 0  # tokens in the packed streams (shared prefixes once)
+    tokens_standalone: int = 0  # tokens if every sequence ran alone
+
+
+class Scorer:
+    """Scores conversations with a RewardModel; see ARCHITECTURE.md section 4 for the API.
+
+    max_length: the longest standalone sequence (prompt + response, templated) in tokens.
+    max_tokens_per_batch: the token budget of one micro-batch (default: 16384, raised to the
+    largest group of a call when that is larger; a budget given explicitly is never raised and a
+    group over it is an error).
+    on_overflow: what to do with a sequence over max_length: "truncate" the response from the right
+    keeping the template's closing tokens (default), "skip" it (NaN scores), or raise ("error").
+    """
+
+    def __init__(
+        self,
+        model: RewardModel,
+        tokenizer,
+        max_length: int = 4096,
+        max_tokens_per_batch: int | None = None,
+        on_overflow: str = "truncate",
+    ):
+        if on_overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"on_overflow must be one of {OVERFLOW_POLICIES}, got {on_overflow!r}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = int(max_length)
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.on_overflow = on_overflow
+        self.last_report = ScoreReport()
+        self._overflow_counts = [0, 0]  # [truncated, skipped] of the call in progress
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path,
+        device=None,
+        dtype=None,
+        max_length: int = 4096,
+        max_tokens_per_batch: int | None = None,
+        on_overflow: str = "truncate",
+        tokenizer=None,
+    ) -> "Scorer":
+        """Load the model (without an LM head) and the tokenizer files from a local folder."""
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype is None and torch.device(device).type == "cuda":
+            dtype = torch.bfloat16
+        model = RewardModel.from_pretrained(path, dtype=dtype, device=device, keep_lm_head=False)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        return cls(model, tokenizer, max_length, max_tokens_per_batch, on_overflow)
+
+    @property
+    def criteria(self) -> list[str]:
+        return self.model.criteria
+
+    # ---------------------------------------------------------------- public scoring methods
+    def score(self, conversations: Sequence[Conversation]) -> torch.Tensor:
+        """list of chat-message lists (each ending with an assistant turn) -> float32 [N, H]."""
+        self._overflow_counts = [0, 0]
+        ids = [self._tokenize(conv, f"conversation {i}") for i, conv in enumerate(conversations)]
+        return self._score_groups([[x] for x in ids])[0]
+
+    def score_pairs(self, prompts, chosen, rejected, system=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score (prompt, chosen) and (prompt, rejected); the prompt prefix is computed once per pair.
+
+        prompts: list of str (a user turn) or of message lists (a conversation without the answer);
+        chosen, rejected: list of str; system: None, a str for all pairs, or one per pair (None to
+        omit). Returns (scores of chosen [N, H], scores of rejected [N, H]), float32.
+        """
+        n = len(prompts)
+        if len(chosen) != n or len(rejected) != n:
+            raise InputError(f"score_pairs: {n} prompts, {len(chosen)} chosen, {len(rejected)} rejected")
+        out = self.score_groups(prompts, [[c, r] for c, r in zip(chosen, rejected)], system=system)
+        H = len(self.criteria)
+        if not out:
+            empty = torch.zeros(0, H, dtype=torch.float32)
+            return empty, empty.clone()
+        stacked = torch.stack(out)  # [N, 2, H]
+        return stacked[:, 0].contiguous(), stacked[:, 1].contiguous()
+
+    def score_groups(self, prompts, completions: Sequence[Sequence[str]], system=None) -> list[torch.Tensor]:
+        """K_i completions per prompt, scored with the prompt computed once: list of [K_i, H]."""
+        if len(completions) != len(prompts):
+            raise InputError(f"score_groups: {len(prompts)} prompts but {len(completions)} completion lists")
+        systems = _per_item(system, len(prompts), "system")
+        self._overflow_counts = [0, 0]
+        groups = []
+        for i, (prompt, responses) in enumerate(zip(prompts, completions)):
+            if isinstance(responses, str) or not len(responses):
+                raise InputError(f"item {i}: completions must be a non-empty list of strings")
+            base = _prompt_messages(prompt, systems[i], i)
+            groups.append(
+                [
+                    self._tokenize(base + [{"role": "assistant", "content": r}], f"item {i}, completion {k}")
+                    for k, r in enumerate(responses)
+                ]
+            )
+        return self._score_groups(groups)[1]
+
+    def score_token_groups(self, prefix_ids, suffix_ids) -> list[torch.Tensor]:
+        """Pre-tokenized groups: sequence (i, k) is prefix_ids[i] + suffix_ids[i][k]. -> list of [K_i, H].
+
+        For trainers that already hold token ids (no chat template applied here). Over max_length,
+        "truncate" keeps the first max_length tokens of the sequence.
+        """
+        if len(prefix_ids) != len(suffix_ids):
+            raise InputError(f"score_token_groups: {len(prefix_ids)} prefixes but {len(suffix_ids)} suffix lists")
+        groups = []
+        self._overflow_counts = [0, 0]
+        for i, (p, sufs) in enumerate(zip(prefix_ids, suffix_ids)):
+            if not len(sufs):
+                raise InputError(f"group {i}: no suffixes")
+            group = []
+            for k, s in enumerate(sufs):
+                seq = list(p) + list(s)
+                if not seq:
+                    raise InputError(f"group {i}, suffix {k}: empty sequence")
+                if len(seq) > self.max_length:
+                    seq = self._overflow(seq, None, f"group {i}, suffix {k}")
+                group.append(seq)
+            groups.append(group)
+        return self._score_groups(groups)[1]
+
+    # ---------------------------------------------------------------- tokenization
+    def _tokenize(self, conv: Conversation, what: str) -> list[int] | None:
+        _check_conversation(conv, what)
+        text = self.tokenizer.apply_chat_template(conv, tokenize=False)
+        ids = self._encode(text)
+        if not ids:
+            raise InputError(f"{what}: the chat template produced no tokens")
+        if len(ids) > self.max_length:
+            return self._overflow(ids, (conv, text), what)
+        return ids
+
+    def _encode(self, text: str) -> list[int]:
+        # the template already holds any BOS/special tokens
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _overflow(self, ids: list[int], templated, what: str) -> list[int] | None:
+        if self.on_overflow == "error":
+            raise InputError(f"{what}: {len(ids)} tokens, over max_length={self.max_length}")
+        if self.on_overflow == "skip":
+            self._overflow_counts[1] += 1
+            return None
+        tail: list[int] = []
+        head_len = 0
+        if templated is not None:
+            conv, text = templated
+            content = conv[-1]["content"]
+            at = text.rfind(content) if content else -1
+            if at >= 0:
+                tail = self._encode(text[at + len(content) :])
+                if tail and ids[-len(tail) :] != tail:
+                    tail = []  # the closing tokens do not tokenize apart: cut plainly
+                head = self._encode(text[:at])
+                head_len = _common_prefix(head, ids)
+        keep = self.max_length - len(tail)
+        if head_len + 1 > keep:
+            raise InputError(
+                f"{what}: the prompt alone is {head_len} tokens (+{len(tail)} closing), over max_length="
+                f"{self.max_length}; raise max_length or use on_overflow='skip'"
+            )
+        self._overflow_counts[0] += 1
+        return ids[:keep] + tail
+
+    # ---------------------------------------------------------------- the packed forward
+    def _score_groups(self, groups) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """groups: list of lists of token-id lists (None = skipped). -> (flat [num_seqs, H], per group).
+        The overflow counts are those the caller's tokenization gathered in self._overflow_counts."""
+        truncated, skipped = self._overflow_counts
+        H = len(self.criteria)
+        sizes = [len(g) for g in groups]
+        flat = torch.full((sum(sizes), H), math.nan, dtype=torch.float32)
+        # sequences that were skipped leave their rows NaN; a group keeps its other sequences
+        kept_groups, kept_index = [], []
+        row = 0
+        for g in groups:
+            live = [(row + k, s) for k, s in enumerate(g) if s is not None]
+            if live:
+                kept_groups.append([s for _, s in live])
+                kept_index.extend(r for r, _ in live)
+            row += len(g)
+        report = ScoreReport(sequences=row, truncated=truncated, skipped=skipped)
+        if kept_groups:
+            tokens, seq_offsets, group_offsets = packing.flatten_groups(kept_groups)
+            budget = self._budget(seq_offsets, group_offsets)
+            batches = packing.plan(tokens, seq_offsets, group_offsets, budget)
+            kept_index_t = torch.as_tensor(kept_index, dtype=torch.long)
+            with torch.inference_mode():
+                for b in batches:
+                    inputs = b.to_torch(self.model.device)
+                    scores = self.model(**inputs).float().cpu()
+                    flat[kept_index_t[torch.from_numpy(b.seq_ids)]] = scores
+            report.micro_batches = len(batches)
+            report.tokens_computed = sum(b.num_tokens for b in batches)
+            report.tokens_standalone = int(seq_offsets[-1])
+        self.last_report = report
+        if truncated or skipped:
+            logger.warning(
+                "scored %d sequences: %d truncated to max_length=%d, %d skipped (NaN)",
+                row, truncated, self.max_length, skipped,
+            )
+        return flat, list(torch.split(flat, sizes)) if sizes else []
+
+    def _budget(self, seq_offsets, group_offsets) -> int:
+        if self.max_tokens_per_batch is not None:
+            return int(self.max_tokens_per_batch)
+        lengths = np.diff(seq_offsets)
+        largest = int(np.add.reduceat(lengths, group_offsets[:-1]).max())
+        return max(16384, largest)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _check_conversation(conv: Any, what: str) -> None:
+    if not isinstance(conv, (list, tuple)) or not conv:
+        raise InputError(f"{what}: a conversation must be a non-empty list of messages")
+    for j, m in enumerate(conv):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise InputError(f"{what}, message {j}: each message needs a string 'role' and a string 'content'")
+    if conv[-1]["role"] != "assistant":
+        raise InputError(
+            f"{what}: the last message has role {conv[-1]['role']!r}; a scored conversation must end with "
+            "an assistant turn (the response to score)"
+        )
+
+
+def _per_item(value, n: int, name: str) -> list:
+    if value is None or isinstance(value, str):
+        return [value] * n
+    value = list(value)
+    if len(value) != n:
+        raise InputError(f"{name}: {len(value)} values for {n} items")
+    return value
+
+
+def _prompt_messages(prompt, system: str | None, i: int) -> Conversation:
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, (list, tuple)):
+        messages = [dict(m) for m in prompt]
+        if messages and messages[-1].get("role") == "assistant":
+            raise InputError(f"item {i}: the prompt conversation already ends with an assistant turn")
+    else:
+        raise InputError(f"item {i}: a prompt must be a string or a list of messages, got {type(prompt).__name__}")
+    if system is not None:
+        if not isinstance(system, str):
+            raise InputError(f"item {i}: system must be a string or None")
+        messages = [{"role": "system", "content": system}] + messages
+    return messages
