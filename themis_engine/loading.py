@@ -116,6 +116,11 @@ def load_reward_model(
     cfg.setdefault("model_type", family)
     args = ModelArgs.from_hf_config(cfg)
     is_cls = kind == "ForSequenceClassification"
+    if is_cls and not cfg.get("id2label") and "num_labels" not in cfg and "score.weight" in where:
+        # transformers omits a default id2label (LABEL_0..) from config.json: count the head's rows
+        with safe_open(str(where["score.weight"]), framework="pt") as f:
+            rows = f.get_slice("score.weight").get_shape()[0]
+        args.criteria = tuple(f"LABEL_{i}" for i in range(rows))
     if is_cls:
         if criteria is not None:
             names = _criteria_names(criteria)
@@ -147,7 +152,7 @@ def load_reward_model(
             if shape != tuple(param.shape):
                 mis_shaped.append(f"{name}: {shape} in the file, {tuple(param.shape)} expected")
     if missing or mis_shaped:
-        lines = [f"{path}: the checkpoint does not match a {family}{kind} of its config:"]
+        lines = [f"{path}: the checkpoint does not match a {FAMILIES[family].hf_prefix}{kind} of its config:"]
         if missing:
             lines.append(f"  missing tensors ({len(missing)}): {', '.join(missing)}")
         if mis_shaped:

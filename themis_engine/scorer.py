@@ -230,7 +230,10 @@ class Scorer:
         if kept_groups:
             tokens, seq_offsets, group_offsets = packing.flatten_groups(kept_groups)
             budget = self._budget(seq_offsets, group_offsets)
-            batches = packing.plan(tokens, seq_offsets, group_offsets, budget)
+            try:
+                batches = packing.plan(tokens, seq_offsets, group_offsets, budget)
+            except packing.PackingError as err:  # name the caller's item, not the kept-group index
+                raise InputError(_rename_group(str(err), kept_groups, groups)) from None
             kept_index_t = torch.as_tensor(kept_index, dtype=torch.long)
             with torch.inference_mode():
                 for b in batches:
@@ -254,6 +257,18 @@ class Scorer:
         lengths = np.diff(seq_offsets)
         largest = int(np.add.reduceat(lengths, group_offsets[:-1]).max())
         return max(16384, largest)
+
+
+def _rename_group(message: str, kept_groups, groups) -> str:
+    """Packing errors count groups among the kept ones; map the index back to the caller's item."""
+    import re
+
+    m = re.match(r"group (\d+) ", message)
+    if not m:
+        return message
+    kept_to_item = [i for i, g in enumerate(groups) if any(s is not None for s in g)]
+    item = kept_to_item[int(m.group(1))]
+    return f"item {item}: " + message[m.end():]
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
