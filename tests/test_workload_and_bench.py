@@ -1,0 +1,39 @@
+"""The synthetic CRB-like workload and the throughput script's CPU smoke mode."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from themis_engine.packing import shared_prefix_len
+from themis_engine.workload import crb_like_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_workload_is_seeded_and_within_max_length():
+    a = crb_like_pairs(40, 5000, max_length=1024, seed=3)
+    b = crb_like_pairs(40, 5000, max_length=1024, seed=3)
+    assert a.prefix_ids == b.prefix_ids and a.chosen_ids == b.chosen_ids
+    assert max(len(s) for s in a.sequences()) <= 1024
+    assert all(10 <= t < 5000 or t in (1, 2) for s in a.sequences() for t in s)
+    assert set(a.aspects) <= {"Functional_Correctness", "Readability_Maintainability", "Runtime_Efficiency",
+                              "Security_Hardness", "Memory_Efficiency"}
+    # commit-style pairs share more than their prompt
+    for p, c, r, commit in zip(a.prefix_ids, a.chosen_ids, a.rejected_ids, a.commit_style):
+        shared = shared_prefix_len([p + c, p + r])
+        assert shared >= len(p)
+        if commit:
+            assert shared > len(p)
+    assert a.padded_tokens(8) >= a.standalone_tokens() > a.unique_tokens()
+
+
+def test_throughput_cpu_smoke_mode(capsys):
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "bench" / "throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = mod.main(["--cpu", "--pairs", "4", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "| themis_engine |" in out and "| transformers |" in out and "token ratio" in out
+    assert rows["max_abs_diff"] < 1e-4 and rows["preference_agreement"] == 1.0
+    assert rows["token_ratio"] > 1.0
