@@ -1,0 +1,159 @@
+"""SwiGLU activation, silu(gate) * up, as Triton kernels.
+
+`swiglu(gate, up)` has the signature and numerics of `reference.swiglu`: silu in float32
+(x / (1 + exp(-x)), torch's formula), rounded to gate.dtype, times up, rounded to the output dtype
+(promote(gate.dtype, up.dtype)). The backward recomputes silu from gate (nothing but the inputs is
+saved) and does its math in float32:
+
+    dgate = dout * up * sigmoid(g) * (1 + g * (1 - sigmoid(g)))     (one rounding)
+    dup   = dout * silu(g)                                          (silu rounded as in forward)
+
+gate and up are [..., N] with a contiguous last dim and any row stride, so the two halves of a fused
+gate_up projection (gate_up[..., :N], gate_up[..., N:]) are read in place. Tiles of
+BLOCK_M rows x BLOCK_N columns, one per program, on a 2-D grid (rows on axis 0).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .rmsnorm_kernel import _call
+
+__all__ = ["swiglu"]
+
+_TILE_ELEMS = 4096
+
+
+def _config(N: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps)."""
+    block_n = min(triton.next_power_of_2(N), 2048)
+    block_m = max(1, min(64, _TILE_ELEMS // block_n))
+    tile = block_m * block_n
+    num_warps = 4 if tile <= 2048 else 8
+    return block_m, block_n, num_warps
+
+
+def _as_rows(t: torch.Tensor, N: int) -> torch.Tensor:
+    t2 = t.reshape(-1, N)
+    if t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    G, U, O,
+    n_rows, N,
+    stride_g, stride_u, stride_o,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    g = tl.load(G + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(G.dtype.element_ty).to(tl.float32)
+    tl.store(O + rows64 * stride_o + cols[None, :], (act * u).to(O.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    DO, G, U, DG, DU,
+    n_rows, N,
+    stride_do, stride_g, stride_u, stride_dg, stride_du,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    do = tl.load(DO + rows64 * stride_do + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-g))
+    act = (g * sig).to(G.dtype.element_ty).to(tl.float32)
+    dg = do * u * (sig * (1.0 + g * (1.0 - sig)))
+    du = do * act
+    tl.store(DG + rows64 * stride_dg + cols[None, :], dg.to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + rows64 * stride_du + cols[None, :], du.to(DU.dtype.element_ty), mask=mask)
+
+
+def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
+
+
+def _swiglu_fwd_impl(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    _check(gate, up)
+    N = gate.shape[-1]
+    out = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+    if out.numel() == 0:
+        return out
+    g2, u2, o2 = _as_rows(gate, N), _as_rows(up, N), out.view(-1, N)
+    rows = g2.shape[0]
+    block_m, block_n, num_warps = _config(N)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(N, block_n))
+    _swiglu_fwd_kernel[grid](
+        g2, u2, o2, rows, N, g2.stride(0), u2.stride(0), o2.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return out
+
+
+_swiglu_fwd = torch.library.custom_op("themis_engine::swiglu_fwd", _swiglu_fwd_impl, mutates_args=())
+
+
+@_swiglu_fwd.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype))
+
+
+def _swiglu_bwd_impl(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(gate, up)
+    N = gate.shape[-1]
+    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    if dgate.numel() == 0:
+        return dgate, dup
+    do2, g2, u2 = _as_rows(dout, N), _as_rows(gate, N), _as_rows(up, N)
+    dg2, du2 = dgate.view(-1, N), dup.view(-1, N)
+    rows = g2.shape[0]
+    block_m, block_n, num_warps = _config(N)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(N, block_n))
+    _swiglu_bwd_kernel[grid](
+        do2, g2, u2, dg2, du2, rows, N,
+        do2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return dgate, dup
+
+
+_swiglu_bwd = torch.library.custom_op("themis_engine::swiglu_bwd", _swiglu_bwd_impl, mutates_args=())
+
+
+@_swiglu_bwd.register_fake
+def _(dout, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return _call(torch.ops.themis_engine.swiglu_fwd, _swiglu_fwd_impl, gate, up)
+
+    @staticmethod
+    def backward(ctx, dout):
+        gate, up = ctx.saved_tensors
+        dgate, dup = _call(torch.ops.themis_engine.swiglu_bwd, _swiglu_bwd_impl, dout, gate, up)
+        return dgate, dup
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, elementwise; see reference.swiglu."""
+    return _SwiGLU.apply(gate, up)
