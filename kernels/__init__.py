@@ -27,6 +27,7 @@ KERNEL_MODULES = {
     "attention": "attention_kernel",
     "rms_norm": "rmsnorm_kernel",
     "rope": "rope_kernel",
+    "qk_norm_rope": "rope_kernel",
     "swiglu": "swiglu_kernel",
     "bt_loss": "bt_loss_kernel",
     "linear_cross_entropy": "linear_ce_kernel",
@@ -98,6 +99,11 @@ def rope(x, position_ids, inv_freq, attention_scaling=1.0):
     return implementation("rope", x)(x, position_ids, inv_freq, attention_scaling)
 
 
+def qk_norm_rope(x, norm_weight, eps, position_ids, inv_freq, attention_scaling=1.0):
+    """Per-head RMSNorm then RoPE (Qwen3's q/k path), one kernel on CUDA; see reference.qk_norm_rope."""
+    return implementation("qk_norm_rope", x)(x, norm_weight, eps, position_ids, inv_freq, attention_scaling)
+
+
 def swiglu(gate, up):
     """silu(gate) * up; see reference.swiglu."""
     return implementation("swiglu", gate)(gate, up)
@@ -125,6 +131,7 @@ __all__ = [
     "bt_loss",
     "implementation",
     "linear_cross_entropy",
+    "qk_norm_rope",
     "reference",
     "rms_norm",
     "rope",

@@ -131,6 +131,18 @@ def rope(
     return x * cos + rotated * sin
 
 
+def qk_norm_rope(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    position_ids: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float = 1.0,
+) -> torch.Tensor:
+    """Qwen3's per-head q/k RMSNorm (over D of x [T, H, D]) followed by the rotary embedding."""
+    return rope(rms_norm(x, norm_weight, eps), position_ids, inv_freq, attention_scaling)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, elementwise (the MLP activation of Qwen/Llama)."""
     return F.silu(gate) * up

@@ -62,10 +62,12 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(T, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = kernels.rope(q, position_ids, inv_freq, rope_scaling)
-        k = kernels.rope(k, position_ids, inv_freq, rope_scaling)
+        if self.q_norm is not None:  # Qwen3: per-head RMSNorm fused with the rotary embedding
+            q = kernels.qk_norm_rope(q, self.q_norm.weight, self.q_norm.eps, position_ids, inv_freq, rope_scaling)
+            k = kernels.qk_norm_rope(k, self.k_norm.weight, self.k_norm.eps, position_ids, inv_freq, rope_scaling)
+        else:
+            q = kernels.rope(q, position_ids, inv_freq, rope_scaling)
+            k = kernels.rope(k, position_ids, inv_freq, rope_scaling)
         out, _ = kernels.attention(
             q, k, v, meta.cu_seqlens, meta.prefix_start, meta.prefix_len, meta.max_seqlen, self.scale
         )
