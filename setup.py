@@ -21,9 +21,19 @@ setup(
         "safetensors>=0.4",
         "numpy>=1.24",
         "jinja2>=3.1",  # chat templates (transformers needs it to render them)
+        "pyyaml>=6",  # YAML config files of train / eval / bench
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.6"],
+        # Parquet data files and scores.parquet
+        "data": ["pyarrow>=14"],
+        # the evaluator's outputs: scores.parquet and the report.png heatmap
+        "eval": ["pyarrow>=14", "matplotlib>=3.7"],
+        # the OpenRLHF-compatible HTTP scoring server (ASGI)
+        "serve": ["starlette>=0.37", "uvicorn>=0.29"],
+        "test": [
+            "pytest>=8", "pytest-benchmark>=4", "triton>=3.6",
+            "pyarrow>=14", "matplotlib>=3.7", "starlette>=0.37", "uvicorn>=0.29", "httpx>=0.27",
+        ],
     },
 )

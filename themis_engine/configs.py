@@ -1,0 +1,281 @@
+"""One config system for train, eval and bench: typed dataclasses, YAML files, command-line overrides.
+
+A config is a dataclass whose fields are plain values or nested dataclasses (sections). Each field
+carries its help text (`option(default, "help")`), which `--help` prints. From the command line:
+
+    --config FILE.yaml          a YAML (or JSON) mapping, sections as nested mappings
+    --preset NAME               a built-in mapping (applied before --config and the overrides)
+    --section.key=value         override one field (also `--section.key value`); a top-level field
+    --key=value / --some-flag   is `--key`, with dashes or underscores; a bool flag alone means true
+
+Values are converted to the field's type (int, float, bool, str, Optional[...], list/tuple of
+those, Literal[...] choices); an unknown key, a bad value or a choice not allowed is an error that
+names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Sequence, get_args, get_origin
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config; the message names the key."""
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, positional: bool = False, factory=None):
+    """A config field with its help text. positional=True: given without a flag (e.g. eval's MODEL)."""
+    meta = {"help": help, "positional": positional}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def section(cls):
+    """A nested section field, default-constructed."""
+    return dataclasses.field(default_factory=cls, metadata={"help": (cls.__doc__ or "").strip().split("\n")[0]})
+
+
+# ------------------------------------------------------------------------------------------ types
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value or a command-line string to type `tp`; ConfigError names `key`."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in get_args(tp):
+                return None
+        errors = []
+        for a in args:
+            try:
+                return convert(value, a, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot convert {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        for c in choices:
+            if value == c or (isinstance(value, str) and str(c) == value):
+                return c
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        (inner, *_) = get_args(tp) or (Any,)
+        if isinstance(value, str):
+            text = value.strip()
+            items = json.loads(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        out = [convert(v.strip() if isinstance(v, str) else v, inner, key) for v in items]
+        return tuple(out) if origin is tuple or tp is tuple else out
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = json.loads(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            if tp is int:
+                f = float(value)
+                if not f.is_integer():
+                    raise ValueError
+                return int(f)
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if isinstance(tp, type):
+        return tp(value)
+    return value
+
+
+# ------------------------------------------------------------------------------------------ merge
+def apply(cfg: Any, mapping: dict, prefix: str = "") -> Any:
+    """Set fields of `cfg` (in place) from a nested mapping; unknown keys are errors."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(mapping).__name__}")
+    hints = _hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for raw_key, value in mapping.items():
+        name = str(raw_key).replace("-", "_")
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ConfigError(f"unknown config key {key!r}; known here: {', '.join(sorted(names))}")
+        tp = hints[name]
+        if _is_section(tp):
+            apply(getattr(cfg, name), value, prefix=key + ".")
+        else:
+            setattr(cfg, name, convert(value, tp, key))
+    return cfg
+
+
+def set_path(cfg: Any, dotted: str, value: Any) -> None:
+    """Set one field by its dotted key (`optim.lr`), converting `value` to the field's type."""
+    parts = dotted.replace("-", "_").split(".")
+    mapping: dict = {}
+    cur = mapping
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    apply(cfg, mapping)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix == ".json":
+        return json.loads(text)
+    import yaml
+
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _walk(cls, prefix=""):
+    """(dotted key, field, type) of every leaf field of a config class."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            yield from _walk(tp, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f, tp
+
+
+def _type_name(tp) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "|".join(map(str, get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def help_text(cls, prog: str, description: str = "", presets: dict | None = None) -> str:
+    lines = [f"usage: {prog} [--config FILE.yaml] [--preset NAME] [--section.key=value ...]", ""]
+    if description:
+        lines += [description.strip(), ""]
+    if presets:
+        lines += ["presets: " + ", ".join(presets), ""]
+    default = cls()
+    for key, f, tp in _walk(cls):
+        value = default
+        for part in key.split("."):
+            value = getattr(value, part)
+        flag = key if f.metadata.get("positional") else "--" + key
+        lines.append(f"  {flag} ({_type_name(tp)}, default {value!r})")
+        if f.metadata.get("help"):
+            lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def parse_args(
+    cls,
+    argv: Sequence[str] | None = None,
+    prog: str = "themis_engine",
+    description: str = "",
+    presets: dict[str, dict] | None = None,
+):
+    """Build a `cls` config from presets, a config file and command-line overrides (in that order)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cls, prog, description, presets))
+        raise SystemExit(0)
+    leaves = {key: (f, tp) for key, f, tp in _walk(cls)}
+    positional = [key for key, (f, _) in leaves.items() if f.metadata.get("positional")]
+    cfg = cls()
+    overrides: list[tuple[str, Any]] = []
+    config_files, preset_names, given_positional = [], [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            given_positional.append(arg)
+            i += 1
+            continue
+        body = arg[2:]
+        key, eq, value = body.partition("=")
+        key_n = key.replace("-", "_")
+        if key_n in ("config", "preset"):
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"--{key} needs a value")
+                value, i = argv[i + 1], i + 1
+            (config_files if key_n == "config" else preset_names).append(value)
+            i += 1
+            continue
+        if key_n not in leaves:
+            close = [k for k in leaves if k.endswith("." + key_n) or k == key_n]
+            hint = f"; did you mean --{close[0]}?" if close else ""
+            raise ConfigError(f"unknown option --{key}{hint} (see --help)")
+        _, tp = leaves[key_n]
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if tp is bool and (nxt is None or nxt.startswith("--") or nxt.lower() not in
+                               ("true", "false", "1", "0", "yes", "no", "on", "off")):
+                value = "true"
+            elif nxt is None:
+                raise ConfigError(f"--{key} needs a value")
+            else:
+                value, i = nxt, i + 1
+        overrides.append((key_n, value))
+        i += 1
+    for name in preset_names:
+        if not presets or name not in presets:
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(presets or {})}")
+        apply(cfg, presets[name])
+    for path in config_files:
+        apply(cfg, load_file(path))
+    if len(given_positional) > len(positional):
+        raise ConfigError(f"unexpected argument(s): {' '.join(given_positional[len(positional):])}")
+    for key, value in zip(positional, given_positional):
+        set_path(cfg, key, value)
+    for key, value in overrides:
+        set_path(cfg, key, value)
+    return cfg
