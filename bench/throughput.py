@@ -27,9 +27,9 @@ import torch
 
 import themis_engine as te
 from themis_engine.config import ModelArgs
+from themis_engine.flops import DENSE_BF16_PEAK_TFLOPS, attention_flops, linear_flops_per_token
 from themis_engine.workload import crb_like_pairs
 
-DENSE_BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
 def parse_args(argv=None):
@@ -46,24 +46,6 @@ def parse_args(argv=None):
     p.add_argument("--cpu", action="store_true", help="smoke mode: a tiny model on the CPU, float32")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
-
-
-def linear_flops_per_token(args: ModelArgs) -> float:
-    """2 x (multiply-adds of every matmul per token) of the decoder, embeddings excluded."""
-    d, hd = args.hidden_size, args.head_dim
-    attn = d * hd * (args.num_heads + 2 * args.num_kv_heads) + args.num_heads * hd * d
-    mlp = 3 * d * args.intermediate_size
-    return 2.0 * args.num_layers * (attn + mlp)
-
-
-def attention_flops(args: ModelArgs, batches) -> float:
-    """QK^T and PV over exactly the keys each query sees (prefix + causal), all layers."""
-    pairs = 0
-    for b in batches:
-        seg = (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).astype("float64")
-        p = b.prefix_len.astype("float64")
-        pairs += float((seg * p + seg * (seg + 1) / 2).sum())
-    return 4.0 * args.num_layers * args.num_heads * args.head_dim * pairs
 
 
 def build_models(args: ModelArgs, device, dtype, with_baseline: bool):

@@ -222,6 +222,7 @@ def save_reward_model(
     out_dir: str | os.PathLike,
     max_shard_bytes: int = 5 * 1024**3,
     pad_token_id: int | None = None,
+    extra_config: dict | None = None,
 ) -> None:
     """Write a *ForSequenceClassification checkpoint that transformers loads.
 
@@ -232,6 +233,7 @@ def save_reward_model(
     The LM head is not written (a sequence classifier has none).
     pad_token_id: written to the config (default: the model's, else the config's eos_token_id);
     transformers needs one to find the last token of padded batches.
+    extra_config: more config.json fields (the trainer's criteria and reward statistics).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,6 +246,7 @@ def save_reward_model(
     if pad is not None:
         cfg["pad_token_id"] = int(pad)
     cfg["dtype"] = str(model.dtype).replace("torch.", "")
+    cfg.update(extra_config or {})
     cfg.pop("torch_dtype", None)
 
     tensors = {
