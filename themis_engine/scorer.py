@@ -167,6 +167,13 @@ class Scorer:
             groups.append(group)
         return self._score_groups(groups)[1]
 
+    def as_trl_reward_funcs(self, **kw) -> list:
+        """One TRL reward function per criterion, named after it; one forward pass per batch serves
+        them all. Options (criteria, system, cache_size): themis_engine.integrations.trl.reward_funcs."""
+        from .integrations.trl import reward_funcs
+
+        return reward_funcs(self, **kw)
+
     # ---------------------------------------------------------------- tokenization
     def _tokenize(self, conv: Conversation, what: str) -> list[int] | None:
         _check_conversation(conv, what)
