@@ -87,7 +87,7 @@ def _reference_grads(obj, pairs):
         lm_tokens += len(p.chosen_ids) - s
     loss = bt_sum / cells + obj.magnitude_coef * mag_sum / cells + obj.lm_coef * lm_sum / lm_tokens
     loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in obj.named_parameters()}
+    return float(loss.detach()), {n: p.grad.clone() for n, p in obj.named_parameters()}
 
 
 def test_step_gradient_is_packing_invariant_and_equals_unshared_reference():

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import packing
+from . import packing, templating
 from .model import RewardModel
 
 logger = logging.getLogger("themis_engine")
@@ -177,7 +177,7 @@ class Scorer:
     # ---------------------------------------------------------------- tokenization
     def _tokenize(self, conv: Conversation, what: str) -> list[int] | None:
         _check_conversation(conv, what)
-        text = self.tokenizer.apply_chat_template(conv, tokenize=False)
+        text = templating.render(self.tokenizer, conv)
         ids = self._encode(text)
         if not ids:
             raise InputError(f"{what}: the chat template produced no tokens")
@@ -186,8 +186,7 @@ class Scorer:
         return ids
 
     def _encode(self, text: str) -> list[int]:
-        # the template already holds any BOS/special tokens
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return templating.encode_many(self.tokenizer, [text])[0]
 
     def _overflow(self, ids: list[int], templated, what: str) -> list[int] | None:
         if self.on_overflow == "error":
@@ -195,26 +194,13 @@ class Scorer:
         if self.on_overflow == "skip":
             self._overflow_counts[1] += 1
             return None
-        tail: list[int] = []
-        head_len = 0
-        if templated is not None:
+        if templated is None:  # pre-tokenized: no template to keep
+            cut = templating.fit_to_length(ids, 0, [], self.max_length, what, InputError)
+        else:
             conv, text = templated
-            content = conv[-1]["content"]
-            at = text.rfind(content) if content else -1
-            if at >= 0:
-                tail = self._encode(text[at + len(content) :])
-                if tail and ids[-len(tail) :] != tail:
-                    tail = []  # the closing tokens do not tokenize apart: cut plainly
-                head = self._encode(text[:at])
-                head_len = _common_prefix(head, ids)
-        keep = self.max_length - len(tail)
-        if head_len + 1 > keep:
-            raise InputError(
-                f"{what}: the prompt alone is {head_len} tokens (+{len(tail)} closing), over max_length="
-                f"{self.max_length}; raise max_length or use on_overflow='skip'"
-            )
+            cut = templating.truncate(self.tokenizer, conv, text, ids, self.max_length, what, InputError)
         self._overflow_counts[0] += 1
-        return ids[:keep] + tail
+        return cut
 
     # ---------------------------------------------------------------- the packed forward
     def _score_groups(self, groups) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -276,14 +262,6 @@ def _rename_group(message: str, kept_groups, groups) -> str:
     kept_to_item = [i for i, g in enumerate(groups) if any(s is not None for s in g)]
     item = kept_to_item[int(m.group(1))]
     return f"item {item}: " + message[m.end():]
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _check_conversation(conv: Any, what: str) -> None:

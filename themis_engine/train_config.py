@@ -135,7 +135,7 @@ PRESETS: dict[str, dict] = {
         "data": {"synthetic_pairs": 2400, "eval_fraction": 0.1, "max_length": 512},
         "objective": {"heads": "criteria", "lm_coef": 0.1, "magnitude_coef": 0.001},
         "optim": {"lr": 2e-3, "terminal_lr": 1e-4, "warmup_fraction": 0.05, "weight_decay": 0.1, "clip": 1.0},
-        "run": {"output": "runs/demo", "global_batch_pairs": 32, "max_tokens_per_batch": 8192, "epochs": 3,
+        "run": {"output": "runs/demo", "global_batch_pairs": 32, "max_tokens_per_batch": 8192, "epochs": 2,
                 "eval_every": 0, "checkpoint_every": 100},
     },
 }

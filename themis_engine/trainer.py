@@ -44,7 +44,9 @@ class Trainer:
             self.output.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.run.seed)
         self.tokenizer = self._load_tokenizer()
-        self.criteria = list(cfg.objective.criteria) if cfg.objective.heads == "criteria" else ["reward"]
+        self.criteria = self._head_names()  # one name per reward head
+        # the criteria the data's aspects are matched against (== the heads in criteria mode)
+        self.aspects = self.criteria if cfg.objective.heads == "criteria" else list(cfg.objective.criteria)
         self.train_pairs, self.eval_pairs, self.data_report = self._prepare_data()
         self.objective = self._build_model()
         self.optimizer = self._build_optimizer()
@@ -70,6 +72,24 @@ class Trainer:
                                 "data.synthetic_pairs is 0: nothing to build a tokenizer from")
         return None  # built from the synthetic data in _prepare_data
 
+    def _head_names(self) -> list[str]:
+        """Criteria mode: a classifier checkpoint's own id2label, else objective.criteria.
+        Scalar mode: one head ("reward", or the checkpoint's name for its single head)."""
+        cfg = self.cfg
+        names = None
+        if cfg.model.path:
+            from .config import criteria_from_config
+            from .loading import read_config
+
+            hf = read_config(cfg.model.path)
+            if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []) and hf.get("id2label"):
+                names = list(criteria_from_config(hf))
+        if cfg.objective.heads == "scalar":
+            if names is not None and len(names) != 1:
+                raise TrainingError(f"heads=scalar but {cfg.model.path} has {len(names)} heads ({names})")
+            return names or ["reward"]
+        return names or list(cfg.objective.criteria)
+
     def _prepare_data(self):
         from . import data as data_mod
 
@@ -91,7 +111,7 @@ class Trainer:
         else:
             if not cfg.data.train:
                 raise TrainingError("no training data: set data.train (files) or data.synthetic_pairs")
-            criteria = list(cfg.objective.criteria)
+            criteria = list(self.aspects)
             train, rep = data_mod.load_pairs(cfg.data.train, cfg.data.schema, cfg.data.columns or None,
                                              criteria, cfg.data.on_bad_row)
             report = asdict(rep) if hasattr(rep, "__dataclass_fields__") else dict(rep)
@@ -106,15 +126,13 @@ class Trainer:
         out = []
         for split_no, pairs in enumerate((train, held)):
             systems = data_mod.assign_system_prompts(
-                pairs, cfg.objective.heads, list(cfg.objective.criteria), prompts,
+                pairs, cfg.objective.heads, list(self.aspects), prompts,
                 tuple(cfg.objective.prompt_proportions), seed=cfg.run.seed + split_no,
             )
+            # aspect_index indexes self.aspects; with one head every pair trains it (batching.pair_mask)
             tokenized, stats = data_mod.tokenize_pairs(
-                pairs, self.tokenizer, cfg.data.max_length, systems, list(cfg.objective.criteria), cache_dir=cache,
+                pairs, self.tokenizer, cfg.data.max_length, systems, list(self.aspects), cache_dir=cache,
             )
-            if cfg.objective.heads == "scalar":
-                for t in tokenized:  # one head: every pair trains it
-                    t.aspect_index = -1
             out.append(tokenized)
             report[f"{'train' if split_no == 0 else 'eval'}_tokenization"] = stats
         if not out[0]:
@@ -141,7 +159,6 @@ class Trainer:
             if with_lm and rm.lm_head is None:
                 raise TrainingError(f"{cfg.model.path} is a sequence classifier with no LM head; set "
                                     "objective.lm_coef=0 or start from a *ForCausalLM checkpoint")
-            self.criteria = rm.criteria
         else:
             torch.manual_seed(cfg.run.seed)
             rm = RewardModel(self._model_args(), with_lm_head=with_lm)
@@ -292,8 +309,11 @@ class Trainer:
         mbs = batching.build_micro_batches(pairs, mine, self.cfg.run.max_tokens_per_batch, H, False)
         n_mb = distributed.all_reduce_max_int(len(mbs), self.device)
         langs = sorted({p.language or "unknown" for p in pairs})
-        # per head: count, correct; per language: count, correct; per head: sum r, sum r^2, n
-        acc = torch.zeros(2 * H + 2 * len(langs) + 3 * H, dtype=torch.float64, device=self.device)
+        # accuracy is reported per criterion: the head's own in criteria mode, the pair's aspect
+        # (read with the one head) in scalar mode
+        names = list(self.criteria) if H > 1 else list(self.aspects) + ["unlabelled"]
+        C, Lg = len(names), len(langs)
+        acc = torch.zeros(2 * C + 2 * Lg + 3 * H, dtype=torch.float64)  # host side: counts, sums
         self.objective.eval()
         for k in range(n_mb):
             real = k < len(mbs)
@@ -303,35 +323,39 @@ class Trainer:
             _, bt, _ = self.objective(**inputs, bt_normalizer=1.0, lm_normalizer=1.0)
             if not real:
                 continue
-            rc, rr = bt.reward_chosen.double(), bt.reward_rejected.double()
+            rc, rr = bt.reward_chosen.double().cpu(), bt.reward_rejected.double().cpu()
             for row, i in enumerate(mb.pair_ids.tolist()):
                 p = pairs[i]
-                heads = [p.aspect_index] if (H > 1 and p.aspect_index >= 0) else list(range(H))
-                for h in heads:
-                    acc[h] += 1
-                    acc[H + h] += float(rc[row, h] > rr[row, h])
-                li = 2 * H + 2 * langs.index(p.language or "unknown")
-                acc[li] += len(heads)
-                acc[li + 1] += sum(float(rc[row, h] > rr[row, h]) for h in heads)
-            base = 2 * H + 2 * len(langs)
+                if H > 1:
+                    cells = [(h, h) for h in ([p.aspect_index] if p.aspect_index >= 0 else range(H))]
+                else:
+                    cells = [(0, p.aspect_index if p.aspect_index >= 0 else C - 1)]
+                li = 2 * C + 2 * langs.index(p.language or "unknown")
+                for h, c in cells:
+                    win = float(rc[row, h] > rr[row, h])
+                    acc[c] += 1
+                    acc[C + c] += win
+                    acc[li] += 1
+                    acc[li + 1] += win
+            base = 2 * C + 2 * Lg
             both = torch.cat([rc, rr])
             acc[base : base + H] += both.sum(0)
             acc[base + H : base + 2 * H] += both.pow(2).sum(0)
             acc[base + 2 * H : base + 3 * H] += both.shape[0]
         self.objective.train()
-        distributed.all_reduce_sum(acc)
+        acc = distributed.all_reduce_sum(acc.to(self.device)).cpu()
         a = acc.tolist()
         out = {}
-        total = sum(a[:H])
-        out["eval/accuracy"] = sum(a[H : 2 * H]) / total if total else float("nan")
-        for h, name in enumerate(self.criteria):
-            if a[h]:
-                out[f"eval/accuracy/{name}"] = a[H + h] / a[h]
+        total = sum(a[:C])
+        out["eval/accuracy"] = sum(a[C : 2 * C]) / total if total else float("nan")
+        for c, name in enumerate(names):
+            if a[c]:
+                out[f"eval/accuracy/{name}"] = a[C + c] / a[c]
         for j, lang in enumerate(langs):
-            c = a[2 * H + 2 * j]
-            if c:
-                out[f"eval/accuracy_language/{lang}"] = a[2 * H + 2 * j + 1] / c
-        base = 2 * H + 2 * len(langs)
+            n = a[2 * C + 2 * j]
+            if n:
+                out[f"eval/accuracy_language/{lang}"] = a[2 * C + 2 * j + 1] / n
+        base = 2 * C + 2 * Lg
         stats = {}
         for h, name in enumerate(self.criteria):
             n = a[base + 2 * H + h]

@@ -1,0 +1,207 @@
+"""The trainer end to end on CPU: resume is exact, 2 processes equal 1, a NaN stops the run with the
+last good checkpoint intact, the export scores the same in transformers and the scorer, and the
+demo preset learns its synthetic set."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import themis_engine as te
+from themis_engine.configs import apply
+from themis_engine.train_config import PRESETS, TrainConfig
+from themis_engine.trainer import Trainer, TrainingError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = {
+    "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8,
+              "intermediate_size": 64, "dtype": "float32"},
+    "data": {"synthetic_pairs": 48, "eval_fraction": 0.25, "max_length": 256},
+    "objective": {"heads": "criteria", "lm_coef": 0.1, "magnitude_coef": 0.01},
+    "optim": {"lr": 3e-3, "terminal_lr": 3e-4, "clip": 1.0},
+    "run": {"global_batch_pairs": 12, "max_tokens_per_batch": 1024, "max_steps": 4, "progress": False,
+            "device": "cpu", "checkpoint_every": 0, "export": False},
+}
+
+
+def _cfg(output, **overrides) -> TrainConfig:
+    cfg = apply(TrainConfig(), SMALL)
+    cfg.run.output = str(output)
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+def _weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.objective.state_dict().items()}
+
+
+def test_resume_is_exact(tmp_path):
+    full = Trainer(_cfg(tmp_path / "full"))
+    whole = full.fit()["history"]
+
+    first = Trainer(_cfg(tmp_path / "cut"))
+    part = [first.train_step() for _ in range(2)]
+    first.save_checkpoint()
+    del first  # the run "stops" here
+    second = Trainer(_cfg(tmp_path / "cut", run__resume=True))
+    rest = second.fit()["history"]
+    assert second.step == 4 and len(rest) == 2
+    losses = [m["loss"] for m in part + rest]
+    assert losses == pytest.approx([m["loss"] for m in whole], rel=0, abs=1e-12)
+    a, b = _weights(full), _weights(second)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    t = Trainer(_cfg(tmp_path, run__checkpoint_every=1, run__keep_checkpoints=2))
+    t.fit()
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_000003", "step_000004"]
+    assert (tmp_path / "metrics.jsonl").is_file()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines[:4]] == [1, 2, 3, 4]
+    for key in ("loss", "bt_loss", "lm_loss", "magnitude_loss", "lr", "grad_norm", "tokens_per_s", "pairs_per_s"):
+        assert key in lines[0], key
+    assert lines[-1].get("final") and "eval/accuracy" in lines[-1]
+
+
+def test_non_finite_loss_stops_with_last_checkpoint_intact(tmp_path, monkeypatch):
+    t = Trainer(_cfg(tmp_path, run__checkpoint_every=1))
+    real = t.objective.forward
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, bt, lm = real(*args, **kwargs)
+        return (loss * float("nan") if t.step == 2 else loss), bt, lm
+
+    monkeypatch.setattr(t.objective, "forward", poisoned)
+    with pytest.raises(TrainingError, match=r"step 3: non-finite loss"):
+        t.fit()
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts[-1] == "step_000002"
+    state = json.loads((tmp_path / "checkpoints" / "step_000002" / "trainer.json").read_text())
+    assert state["step"] == 2
+
+
+def test_export_scores_the_same_in_transformers_and_the_scorer(tmp_path):
+    t = Trainer(_cfg(tmp_path, run__export=True))
+    t.fit()
+    export = tmp_path / "export"
+    cfg = json.loads((export / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3ForSequenceClassification"] and cfg["num_labels"] == 5
+    assert set(cfg["reward_stats"]) == set(t.criteria)
+    scorer = te.Scorer.from_pretrained(export, device="cpu", dtype=torch.float32)
+    assert scorer.criteria == t.criteria
+    from transformers import AutoModelForSequenceClassification
+
+    hf = AutoModelForSequenceClassification.from_pretrained(str(export), dtype=torch.float32).eval()
+    convs = [[{"role": "user", "content": "Sum a list."}, {"role": "assistant", "content": c}]
+             for c in ("def f(xs): return sum(xs)", "x = eval(input())")]
+    ours = scorer.score(convs)
+    ids = [scorer._tokenize(c, "") for c in convs]
+    with torch.no_grad():
+        theirs = torch.cat([hf(torch.tensor([x])).logits for x in ids])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_data_errors_name_the_problem(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg.data.synthetic_pairs = 0
+    cfg.data.train = [str(tmp_path / "missing.jsonl")]
+    cfg.model.tokenizer = str(_tokenizer_dir(tmp_path))
+    with pytest.raises(Exception, match="missing.jsonl"):
+        Trainer(cfg)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "aspect": "Functional_Correctness"})
+                   + "\n" + json.dumps({"prompt": "p", "chosen": "", "rejected": "b", "aspect": "Functional_Correctness"})
+                   + "\n")
+    cfg.data.train = [str(bad)]
+    with pytest.raises(Exception, match=r"bad.jsonl.*(row|line) 2.*chosen"):
+        Trainer(cfg)
+
+
+def _tokenizer_dir(tmp_path):
+    from themis_engine.tiny import build_tokenizer
+
+    path = tmp_path / "tok"
+    build_tokenizer(path)
+    return path
+
+
+def _run_cli(args, env_extra=None, nproc=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(29500 + os.getpid() % 1000), "-m", "themis_engine.train"] if nproc
+           else [sys.executable, "-m", "themis_engine.train"])
+    return subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def _flat_args(output):
+    args = []
+    for section, values in SMALL.items():
+        for k, v in values.items():
+            args.append(f"--{section}.{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}")
+    return args + [f"--run.output={output}", "--run.export=true"]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    one = _run_cli(_flat_args(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run_cli(_flat_args(tmp_path / "two"), nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    m1, m2 = read(tmp_path / "one"), read(tmp_path / "two")
+    assert len(m1) == len(m2)
+    for a, b in zip(m1, m2):
+        if "loss" in a:
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    from safetensors.torch import load_file
+
+    w1 = load_file(str(tmp_path / "one" / "export" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "export" / "model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_demo_preset_learns(tmp_path):
+    """The README's main job: the demo preset, as shipped, beats 80% held-out accuracy."""
+    res = _run_cli(["--preset", "demo", f"--run.output={tmp_path}", "--run.progress=false"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    final = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    print(res.stdout[-2000:])
+    assert final["eval/accuracy"] >= 0.80, final
+
+
+def test_scalar_heads_report_per_aspect_and_finetune_from_export(tmp_path):
+    t = Trainer(_cfg(tmp_path / "scalar", objective__heads="scalar", run__export=True))
+    final = t.fit()["final"]
+    assert t.criteria == ["reward"]
+    per_aspect = [k for k in final if k.startswith("eval/accuracy/")]
+    assert per_aspect and all(k.split("/")[-1] in t.aspects + ["unlabelled"] for k in per_aspect)
+    export = tmp_path / "scalar" / "export"
+    cfg = json.loads((export / "config.json").read_text())
+    assert cfg["num_labels"] == 1 and cfg["themis_heads"] == "scalar"
+    # continue from the exported classifier (no LM head there, so lm_coef must be 0)
+    cont = _cfg(tmp_path / "cont", objective__heads="scalar", objective__lm_coef=0.0)
+    cont.model.path = str(export)
+    t2 = Trainer(cont)
+    before = {k: v.clone() for k, v in t2.rm.state_dict().items()}
+    t2.fit()
+    assert any(not torch.equal(before[k], v) for k, v in t2.rm.state_dict().items())
+    bad = _cfg(tmp_path / "bad", objective__heads="scalar")
+    bad.model.path = str(export)
+    with pytest.raises(TrainingError, match="no LM head"):
+        Trainer(bad)
