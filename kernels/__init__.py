@@ -35,6 +35,12 @@ KERNEL_MODULES = {
 
 BACKENDS = ("auto", "triton", "reference")
 
+# Kernels whose latest version has not yet passed its GPU tests on a card: "auto" keeps the reference
+# for them on CUDA (THEMIS_KERNELS=triton still forces them). bt_loss: its d_hidden was rewritten after
+# the first H200 run showed the old one wrong there (2026-11-26); the new one passes under the
+# interpreter only. The reference costs about the same (a [N, D] x [D, H] product).
+AWAITING_GPU_VALIDATION = frozenset({"bt_loss"})
+
 
 def _requested_backend() -> str:
     value = os.environ.get("THEMIS_KERNELS", "auto").strip().lower() or "auto"
@@ -68,7 +74,7 @@ def backend_for(op: str, x) -> str:
     requested = _requested_backend()
     if requested == "reference":
         return "reference"
-    if requested == "auto" and not x.is_cuda:
+    if requested == "auto" and (not x.is_cuda or op in AWAITING_GPU_VALIDATION):
         return "reference"
     if not _triton_available() or _kernel(op) is None:
         if requested == "triton":
