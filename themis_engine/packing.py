@@ -10,14 +10,27 @@ A group's shared prefix is the longest common token prefix of its K sequences, c
 suffix keeps at least one token; a group of one sequence has no prefix (the sequence is one
 segment). Groups are placed by first-fit decreasing on their unique token count: sorted by size,
 largest first (ties by group index), each into the first micro-batch with room, a new one if none.
+
+`plan` runs the C++ planner (csrc/planner.cpp, `themis_engine._planner`) where it was built, else
+`plan_python`; both give identical output. THEMIS_PLANNER=python forces the Python one.
 """
 
 from __future__ import annotations
 
+import logging
+import operator
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+try:
+    from . import _planner
+except ImportError:  # not built (no compiler, THEMIS_NO_EXT=1): the pure-Python planner below
+    _planner = None
+
+_announced: set[str] = set()
 
 
 class PackingError(ValueError):
@@ -179,7 +192,33 @@ def build_batch(
 def plan(
     tokens: np.ndarray, seq_offsets: np.ndarray, group_offsets: np.ndarray, budget: int
 ) -> list[PackedBatch]:
-    """Shared prefixes, first-fit-decreasing placement and the micro-batches, in bin order."""
+    """Shared prefixes, first-fit-decreasing placement and the micro-batches, in bin order.
+    The C++ planner where it is built (THEMIS_PLANNER=python forces plan_python); same output."""
+    use_cpp = _planner is not None and os.environ.get("THEMIS_PLANNER", "").strip().lower() != "python"
+    name = "C++ (themis_engine._planner)" if use_cpp else "pure Python"
+    if name not in _announced:
+        _announced.add(name)
+        logging.getLogger("themis_engine").info("packing planner: %s", name)
+    if use_cpp:
+        arrays = [np.ascontiguousarray(a, dtype=np.int64) for a in (tokens, seq_offsets, group_offsets)]
+        try:
+            b = operator.index(budget)
+        except TypeError:
+            b = None
+        # the C++ planner takes 1-D arrays and an int64 budget; anything else goes the Python way
+        if b is not None and -(2**63) <= b < 2**63 and all(a.ndim == 1 for a in arrays):
+            try:
+                out = _planner.plan(*arrays, b)
+            except ValueError as err:
+                raise PackingError(str(err)) from None
+            return [PackedBatch(*fields) for fields in out]
+    return plan_python(tokens, seq_offsets, group_offsets, budget)
+
+
+def plan_python(
+    tokens: np.ndarray, seq_offsets: np.ndarray, group_offsets: np.ndarray, budget: int
+) -> list[PackedBatch]:
+    """plan in pure Python (the fallback, and the reference of the C++ planner)."""
     tokens = np.asarray(tokens, dtype=np.int64)
     seq_offsets = np.asarray(seq_offsets, dtype=np.int64)
     group_offsets = np.asarray(group_offsets, dtype=np.int64)
