@@ -73,3 +73,20 @@ def test_help_lists_every_field_with_its_text(capsys):
     out = capsys.readouterr().out
     assert "--optim.lr (float, default 1e-05)" in out and "peak learning rate" in out
     assert "model (str" in out and "presets: fast" in out and "centering|abs" in out
+
+
+def test_trainer_presets_carry_the_published_recipe():
+    from themis_engine.configs import apply
+    from themis_engine.train_config import PRESETS, TrainConfig
+
+    pt = apply(TrainConfig(), PRESETS["themis-pt"])
+    pm = apply(TrainConfig(), PRESETS["themis-pm"])
+    for cfg, lr, term, lam, mu, clip, batch, length, epochs in (
+        (pt, 2e-5, 1e-5, 0.4, 0.01, 2.0, 1024, 2560, 2), (pm, 1e-5, 5e-7, 0.25, 0.001, 1.5, 512, 4096, 1),
+    ):
+        assert (cfg.optim.lr, cfg.optim.terminal_lr, cfg.objective.lm_coef, cfg.objective.magnitude_coef) == (
+            lr, term, lam, mu)
+        assert (cfg.optim.clip, cfg.run.global_batch_pairs, cfg.data.max_length, cfg.run.epochs) == (
+            clip, batch, length, epochs)
+        assert cfg.optim.betas == [0.9, 0.95] and cfg.optim.eps == 1e-8 and cfg.optim.weight_decay == 0.1
+        assert cfg.optim.warmup_fraction == 0.05 and cfg.model.dtype == "bfloat16"
