@@ -100,6 +100,7 @@ def load_reward_model(
     device: torch.device | str | None = None,
     criteria: int | Sequence[str] | None = None,
     keep_lm_head: bool = True,
+    quantize: str | None = None,
 ) -> RewardModel:
     """Load a *ForSequenceClassification or *ForCausalLM checkpoint of a supported family.
 
@@ -108,6 +109,7 @@ def load_reward_model(
     heads to create (a count or names; default one head, "reward"), zero-initialised; for a
     *ForSequenceClassification checkpoint, optional names that replace id2label's (count must match).
     keep_lm_head: for a *ForCausalLM checkpoint, also load the LM head (the trainer's LM loss).
+    quantize: "fp8" stores the blocks' linear weights in e4m3 with per-channel scales (quant.py).
     """
     cfg = read_config(path)
     files = safetensors_files(path)
@@ -182,6 +184,10 @@ def load_reward_model(
         import warnings
 
         warnings.warn(f"{path}: {len(unexpected)} tensors not used by the engine: {', '.join(unexpected[:10])}")
+    if quantize is not None:
+        from .quant import quantize_model
+
+        quantize_model(model, quantize)
     return model.eval()
 
 
@@ -235,6 +241,13 @@ def save_reward_model(
     transformers needs one to find the last token of padded batches.
     extra_config: more config.json fields (the trainer's criteria and reward statistics).
     """
+    quantized = [n for n, b in model.named_buffers() if n.endswith("weight_fp8")]
+    if quantized:
+        raise ValueError(
+            f"save_pretrained: the model holds FP8-quantized weights ({len(quantized)} tensors, e.g. "
+            f"{quantized[0]}); the export format stores full-precision weights: save the model before "
+            "quantizing it (quantize at load time with quantize='fp8')"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     args = model.args

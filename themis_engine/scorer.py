@@ -82,13 +82,22 @@ class Scorer:
         max_tokens_per_batch: int | None = None,
         on_overflow: str = "truncate",
         tokenizer=None,
+        quantize: str | None = None,
+        offload: str | None = None,
     ) -> "Scorer":
-        """Load the model (without an LM head) and the tokenizer files from a local folder."""
+        """Load the model (without an LM head) and the tokenizer files from a local folder.
+        quantize="fp8": FP8 block weights (quant.py); offload="layers": the blocks stay in host
+        memory and stream to the device one at a time (streaming.py)."""
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype is None and torch.device(device).type == "cuda":
             dtype = torch.bfloat16
-        model = RewardModel.from_pretrained(path, dtype=dtype, device=device, keep_lm_head=False)
+        model = RewardModel.from_pretrained(path, dtype=dtype, device="cpu" if offload else device,
+                                            keep_lm_head=False, quantize=quantize)
+        if offload is not None:
+            from .streaming import apply_offload
+
+            model = apply_offload(model, offload, device)
         if tokenizer is None:
             from transformers import AutoTokenizer
 

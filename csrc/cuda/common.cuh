@@ -1,0 +1,74 @@
+// Device helpers shared by the scoring kernels: bf16 vectors, warp / block sums, launch shapes.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace themis {
+
+constexpr int kWarp = 32;
+constexpr int kMaxThreads = 1024;
+constexpr int kMaxItems = 4;  // vectors per thread kept in registers (8 spills at 1024 threads)
+
+// VEC consecutive bf16 values, aligned so that one load / store moves them all (16 bytes for 8).
+template <int VEC>
+struct alignas(sizeof(__nv_bfloat16) * VEC) BVec {
+  __nv_bfloat16 v[VEC];
+};
+
+__device__ __forceinline__ float round_bf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum K values over the block; every thread gets the K totals. `scratch`: K * 32 floats of shared
+// memory. Ends with a barrier, so scratch can be reused right after.
+template <int K>
+__device__ __forceinline__ void block_sum(float (&v)[K], float* scratch) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int warps = (blockDim.x + kWarp - 1) / kWarp;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    v[k] = warp_sum(v[k]);
+    if (lane == 0) scratch[k * kWarp + warp] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    float s = lane < warps ? scratch[k * kWarp + lane] : 0.0f;
+    v[k] = warp_sum(s);
+  }
+  __syncthreads();
+}
+
+// Launch shape for rows of D elements held in registers: VEC elements per vector, ITEMS vectors per
+// thread, `threads` per block (a multiple of 32). Returns false when D does not fit in one block.
+struct RowShape {
+  int vec, items, threads;
+};
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+inline bool row_shape(int64_t D, bool vector_ok, RowShape* shape) {
+  if (D < 1) return false;
+  const int vec = vector_ok ? 8 : 1;
+  const int64_t chunks = (D + vec - 1) / vec;
+  for (int limit : {512, kMaxThreads}) {
+    for (int items = 1; items <= kMaxItems; items *= 2) {
+      const int64_t threads = (chunks + items - 1) / items;
+      if (threads <= limit) {
+        shape->vec = vec;
+        shape->items = items;
+        shape->threads = static_cast<int>((threads + kWarp - 1) / kWarp * kWarp);
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+}  // namespace themis
