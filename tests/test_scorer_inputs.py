@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import themis_engine as te
+from themis_engine import templating
 from themis_engine.scorer import InputError
 from helpers import conversation, make_checkpoint
 
@@ -60,7 +61,7 @@ def test_overflow_truncate_keeps_closing_tokens_and_counts(scorer):
     assert s.last_report.truncated == 1 and s.last_report.skipped == 0
     ids = s._tokenize(long, "")
     assert len(ids) == 40
-    closing = s._encode("<|im_end|>\n")
+    closing = templating.encode_many(s.tokenizer, ["<|im_end|>\n"])[0]
     assert ids[-len(closing):] == closing
     # the truncated sequence scores like that same sequence given pre-tokenized
     alone = scorer.score_token_groups([[]], [[ids]])[0]

@@ -112,7 +112,7 @@ class Scorer:
     def score(self, conversations: Sequence[Conversation]) -> torch.Tensor:
         """list of chat-message lists (each ending with an assistant turn) -> float32 [N, H]."""
         self._overflow_counts = [0, 0]
-        ids = [self._tokenize(conv, f"conversation {i}") for i, conv in enumerate(conversations)]
+        ids = self._tokenize_many(list(conversations), [f"conversation {i}" for i in range(len(conversations))])
         return self._score_groups([[x] for x in ids])[0]
 
     def score_pairs(self, prompts, chosen, rejected, system=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,13 +144,12 @@ class Scorer:
             if isinstance(responses, str) or not len(responses):
                 raise InputError(f"item {i}: completions must be a non-empty list of strings")
             base = _prompt_messages(prompt, systems[i], i)
-            groups.append(
-                [
-                    self._tokenize(base + [{"role": "assistant", "content": r}], f"item {i}, completion {k}")
-                    for k, r in enumerate(responses)
-                ]
-            )
-        return self._score_groups(groups)[1]
+            groups.append([(base + [{"role": "assistant", "content": r}], f"item {i}, completion {k}")
+                           for k, r in enumerate(responses)])
+        flat = self._tokenize_many([c for g in groups for c, _ in g], [w for g in groups for _, w in g])
+        sizes = [len(g) for g in groups]
+        starts = np.cumsum([0] + sizes)
+        return self._score_groups([flat[a:b] for a, b in zip(starts[:-1], starts[1:])])[1]
 
     def score_token_groups(self, prefix_ids, suffix_ids) -> list[torch.Tensor]:
         """Pre-tokenized groups: sequence (i, k) is prefix_ids[i] + suffix_ids[i][k]. -> list of [K_i, H].
@@ -185,17 +184,20 @@ class Scorer:
 
     # ---------------------------------------------------------------- tokenization
     def _tokenize(self, conv: Conversation, what: str) -> list[int] | None:
-        _check_conversation(conv, what)
-        text = templating.render(self.tokenizer, conv)
-        ids = self._encode(text)
-        if not ids:
-            raise InputError(f"{what}: the chat template produced no tokens")
-        if len(ids) > self.max_length:
-            return self._overflow(ids, (conv, text), what)
-        return ids
+        return self._tokenize_many([conv], [what])[0]
 
-    def _encode(self, text: str) -> list[int]:
-        return templating.encode_many(self.tokenizer, [text])[0]
+    def _tokenize_many(self, convs: list[Conversation], whats: list[str]) -> list[list[int] | None]:
+        """Template and encode conversations (one batched tokenizer call); over max_length per
+        on_overflow (None = skipped)."""
+        for conv, what in zip(convs, whats):
+            _check_conversation(conv, what)
+        texts = [templating.render(self.tokenizer, conv) for conv in convs]
+        out = []
+        for conv, text, ids, what in zip(convs, texts, templating.encode_many(self.tokenizer, texts), whats):
+            if not ids:
+                raise InputError(f"{what}: the chat template produced no tokens")
+            out.append(self._overflow(ids, (conv, text), what) if len(ids) > self.max_length else ids)
+        return out
 
     def _overflow(self, ids: list[int], templated, what: str) -> list[int] | None:
         if self.on_overflow == "error":
