@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import DEFAULT_CRITERIA
-
 ALL_KEY = "ALL"
 
 CRITERION_PROMPTS: dict[str, str] = {
@@ -84,7 +82,3 @@ class CriteriaPrompts:
     @property
     def criteria(self) -> list[str]:
         return list(self.per_criterion)
-
-
-def default_criteria() -> list[str]:
-    return list(DEFAULT_CRITERIA)

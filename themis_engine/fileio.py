@@ -30,7 +30,3 @@ def write_json(obj, path: str | os.PathLike) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
-
-
-def atomic_write_json(obj, final: str | os.PathLike) -> None:
-    atomic_write(final, lambda tmp: write_json(obj, tmp))
