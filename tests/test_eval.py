@@ -363,6 +363,19 @@ def test_compare_puts_the_run_on_the_published_leaderboard(crb, tmp_path, capsys
 
 
 # ------------------------------------------------------------------------------------------ torchrun
+def test_a_process_group_the_caller_started_is_left_alone(crb, tmp_path):
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        results = evaluate(crb, tmp_path / "o", "--limit", 4)
+        assert results["overall"]["total_examples"] == 4
+        assert dist.is_initialized()  # joined, not started: the evaluator does not destroy it
+    finally:
+        dist.destroy_process_group()
+
+
 def test_two_torchrun_processes_equal_one(crb, tmp_path):
     single = tmp_path / "single"
     evaluate(crb, single, "--chunk-size", 6)

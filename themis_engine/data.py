@@ -137,10 +137,19 @@ class TokenizedPair:
     index: int = 0
 
 
-class _BadRow(Exception):
+class BadRow(Exception):
+    """What is wrong with one row: the `column`, the `problem` (for the message) and a short
+    `reason` by which skipped rows are counted. The loader turns it into `row_error`."""
+
     def __init__(self, reason: str, column: str, problem: str):
         super().__init__(problem)
         self.reason, self.column, self.problem = reason, column, problem
+
+
+def row_error(source: str, row: int, column: str, problem: str) -> DataError:
+    """The error for a bad row: `file, row N, column 'c': problem` (rows counted from 1; `column`
+    as it is to be shown, quoted)."""
+    return DataError(f"{source}, row {row}, column {column}: {problem}")
 
 
 # ============================================================================================ loading
@@ -186,11 +195,9 @@ def load_pairs(
             report.rows += 1
             try:
                 pairs.append(_parse_row(row, file_schema, aspect_lookup, f"{source}:row {n}"))
-            except _BadRow as bad:
+            except BadRow as bad:
                 if on_bad_row == "error":
-                    raise DataError(
-                        f"{source}, row {n}, column {_show_column(bad.column, columns)}: {bad.problem}"
-                    ) from None
+                    raise row_error(source, n, _show_column(bad.column, columns), bad.problem) from None
                 reasons[bad.reason] += 1
     report.kept = len(pairs)
     report.skipped = report.rows - report.kept
@@ -262,17 +269,15 @@ def _check_file_columns(source: str, rows: list[dict], raw: list[dict], schema: 
     keys = set().union(*(r.keys() for r in raw))
     for canonical, file_col in columns.items():
         if file_col not in keys:
-            raise DataError(
-                f"{source}, row 1, column '{file_col}' (as '{canonical}'): missing from the file "
-                f"(its columns: {', '.join(sorted(keys))})"
-            )
+            raise row_error(source, 1, f"'{file_col}' (as '{canonical}')",
+                            f"missing from the file (its columns: {', '.join(sorted(keys))})")
     present = set().union(*(r.keys() for r in rows))
     for col in _SCHEMA_SPEC[schema]["required"]:
         if col not in present:
-            raise DataError(
-                f"{source}, row 1, column '{col}': missing from the file (schema {schema!r} needs "
-                f"{', '.join(_SCHEMA_SPEC[schema]['required'])}; its columns: {', '.join(sorted(keys))}; "
-                "rename with columns={canonical: file column})"
+            raise row_error(
+                source, 1, f"'{col}'",
+                f"missing from the file (schema {schema!r} needs {', '.join(_SCHEMA_SPEC[schema]['required'])}; "
+                f"its columns: {', '.join(sorted(keys))}; rename with columns={{canonical: file column}})",
             )
 
 
@@ -292,7 +297,7 @@ def _parse_row(row: dict, schema: str, aspect_lookup: dict | None, source: str) 
     spec = _SCHEMA_SPEC[schema]
     for col in spec["required"]:
         if col not in row:
-            raise _BadRow("missing_column", col, "missing")
+            raise BadRow("missing_column", col, "missing")
     allow_messages = spec["messages"]
     prompt_col = spec["prompt"]
 
@@ -302,18 +307,18 @@ def _parse_row(row: dict, schema: str, aspect_lookup: dict | None, source: str) 
     if prompt_col in row and row[prompt_col] is not None:
         prompt = _prompt(row[prompt_col], prompt_col, allow_messages)
     elif prompt_col in spec["required"]:
-        raise _BadRow("empty_field", prompt_col, "empty (null)")
+        raise BadRow("empty_field", prompt_col, "empty (null)")
     elif isinstance(chosen, list) and isinstance(rejected, list):
         k = _common_messages(chosen, rejected)
         while k and chosen[k - 1]["role"] == "assistant":
             k -= 1  # a prompt ends before an assistant turn; shared assistant turns open both answers
         prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
         if not chosen or not rejected:
-            raise _BadRow("bad_messages", "chosen",
-                          "chosen and rejected conversations leave no answer after their common messages")
+            raise BadRow("bad_messages", "chosen",
+                         "chosen and rejected conversations leave no answer after their common messages")
     elif isinstance(chosen, list) or isinstance(rejected, list):
-        raise _BadRow("bad_messages", "chosen",
-                      "without a prompt column, chosen and rejected must both be text or both be message lists")
+        raise BadRow("bad_messages", "chosen",
+                     "without a prompt column, chosen and rejected must both be text or both be message lists")
     else:
         prompt = []  # a text pair with an implicit prompt: the conversation is the answer alone
 
@@ -326,20 +331,20 @@ def _parse_row(row: dict, schema: str, aspect_lookup: dict | None, source: str) 
         prompt = prompt[0]["content"]
     chosen, rejected = _single_answer(chosen), _single_answer(rejected)
     if chosen == rejected:
-        raise _BadRow("identical", "rejected", "identical to chosen")
+        raise BadRow("identical", "rejected", "identical to chosen")
 
     aspect = _optional_text(row, "aspect")
     if aspect is not None and aspect_lookup is not None:
         canonical = aspect_lookup.get(aspect) or aspect_lookup.get(_aspect_key(aspect))
         if canonical is None:
             allowed = sorted(set(aspect_lookup.values()))
-            raise _BadRow("unknown_aspect", "aspect",
-                          f"unknown aspect {aspect!r}; the run's criteria are {', '.join(allowed)}")
+            raise BadRow("unknown_aspect", "aspect",
+                         f"unknown aspect {aspect!r}; the run's criteria are {', '.join(allowed)}")
         aspect = canonical
     margin = row.get("margin")
     if margin is not None:
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-            raise _BadRow("bad_margin", "margin", f"expected a finite number, got {margin!r}")
+            raise BadRow("bad_margin", "margin", f"expected a finite number, got {margin!r}")
         margin = float(margin)
     ident = row.get("id")
     return PreferencePair(
@@ -358,20 +363,20 @@ def _parse_row(row: dict, schema: str, aspect_lookup: dict | None, source: str) 
 
 def _optional_text(row: dict, col: str) -> str | None:
     value = row.get(col)
-    if value is None:
+    if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    if not isinstance(value, str):
-        raise _BadRow("not_a_string", col, f"expected a string, got {type(value).__name__}")
-    return value if value.strip() else None
+    return text_field(value, col)
 
 
-def _text(value: Any, col: str) -> str:
+def text_field(value: Any, col: str, blank: str = "empty text") -> str:
+    """`value` when it is a string with some non-blank character, else BadRow. `blank`: the problem
+    named for a blank string (the CRB evaluator's messages say "empty string")."""
     if value is None:
-        raise _BadRow("empty_field", col, "empty (null)")
+        raise BadRow("empty_field", col, "empty (null)")
     if not isinstance(value, str):
-        raise _BadRow("not_a_string", col, f"expected a string, got {type(value).__name__}")
+        raise BadRow("not_a_string", col, f"expected a string, got {type(value).__name__}")
     if not value.strip():
-        raise _BadRow("empty_field", col, "empty text")
+        raise BadRow("empty_field", col, blank)
     return value
 
 
@@ -379,35 +384,35 @@ def _answer(value: Any, col: str, allow_messages: bool) -> str | list[Message]:
     if allow_messages and isinstance(value, (list, tuple)):
         msgs = _messages(value, col)
         if not msgs:
-            raise _BadRow("bad_messages", col, "an empty message list")
+            raise BadRow("bad_messages", col, "an empty message list")
         if msgs[-1]["role"] != "assistant":
-            raise _BadRow("bad_messages", col,
-                          f"the last message has role {msgs[-1]['role']!r}; an answer must end with an assistant turn")
+            raise BadRow("bad_messages", col,
+                         f"the last message has role {msgs[-1]['role']!r}; an answer must end with an assistant turn")
         if not msgs[-1]["content"].strip():
-            raise _BadRow("empty_field", col, "the final assistant message is empty")
+            raise BadRow("empty_field", col, "the final assistant message is empty")
         return msgs
-    return _text(value, col)
+    return text_field(value, col)
 
 
 def _prompt(value: Any, col: str, allow_messages: bool) -> str | list[Message]:
     if allow_messages and isinstance(value, (list, tuple)):
         msgs = _messages(value, col)
         if msgs and msgs[-1]["role"] == "assistant":
-            raise _BadRow("bad_messages", col, "the prompt conversation ends with an assistant turn")
+            raise BadRow("bad_messages", col, "the prompt conversation ends with an assistant turn")
         return msgs
-    return _text(value, col)
+    return text_field(value, col)
 
 
 def _messages(value: Sequence, col: str) -> list[Message]:
     out = []
     for j, m in enumerate(value):
         if not isinstance(m, dict):
-            raise _BadRow("bad_messages", col, f"message {j} is a {type(m).__name__}, not a {{role, content}} object")
+            raise BadRow("bad_messages", col, f"message {j} is a {type(m).__name__}, not a {{role, content}} object")
         role, content = m.get("role"), m.get("content")
         if not isinstance(role, str) or not role.strip():
-            raise _BadRow("bad_messages", col, f"message {j} has no string 'role'")
+            raise BadRow("bad_messages", col, f"message {j} has no string 'role'")
         if not isinstance(content, str):
-            raise _BadRow("bad_messages", col, f"message {j} has no string 'content'")
+            raise BadRow("bad_messages", col, f"message {j} has no string 'content'")
         out.append({"role": role, "content": content})
     return out
 

@@ -3,12 +3,16 @@
 Under torchrun (WORLD_SIZE > 1): NCCL on CUDA (one GPU per rank, cuda:LOCAL_RANK), gloo on CPU.
 A single CUDA process that trains in mixed precision also gets a one-rank group, so that FSDP2
 (fp32 master weights, bf16 compute) is the one code path for one GPU and many.
+
+The evaluator's ranks exchange nothing but barriers (its scores travel through files), so it asks
+for gloo on CPU and GPU alike, with a long timeout, and runs its barriers on `gloo_group()`.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -19,14 +23,26 @@ class DistInfo:
     rank: int
     world: int
     device: torch.device
+    owns_group: bool = False  # init started the process group (rather than joining one)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def close(self) -> None:
+        """Destroy the process group if init started it; a group the caller had is left alone."""
+        if self.owns_group:
+            shutdown()
 
-def init(device: str = "", need_group: bool = False) -> DistInfo:
-    """Start (or join) the process group; returns this process's rank, world size and device."""
+
+def init(device: str = "", need_group: bool = False, backend: str | None = None,
+         timeout: timedelta | None = None) -> DistInfo:
+    """Start (or join) the process group; returns this process's rank, world size and device.
+
+    device: "" picks cuda where present, else cpu; "cuda" means cuda:LOCAL_RANK. need_group: a
+    one-rank group even without torchrun. backend: None is NCCL on CUDA and gloo on CPU; "gloo"
+    for ranks that only meet at barriers. timeout: how long a collective waits for the other ranks
+    (None: torch's default)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if not device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,13 +54,22 @@ def init(device: str = "", need_group: bool = False) -> DistInfo:
         dev = torch.device(device)
     if dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), dev)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend is None:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
     if world > 1:
-        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(backend, timeout=timeout, device_id=dev if backend == "nccl" else None)
     elif need_group:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return DistInfo(rank, world, dev)
+    return DistInfo(rank, world, dev, owns_group=dist.is_initialized())
+
+
+def gloo_group(timeout: timedelta | None = None):
+    """A group of all ranks for CPU-side collectives (barriers): None (the default group) when
+    that is gloo or there is one rank, else a new gloo group."""
+    if not active() or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo", timeout=timeout)
 
 
 def active() -> bool:
@@ -65,9 +90,10 @@ def all_reduce_max_int(x: int, device) -> int:
     return int(t.item())
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
+    """Wait for every rank (on `group`, default: the default group); nothing with one rank."""
     if active():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def shutdown() -> None:

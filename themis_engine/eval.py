@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Literal, Optional
 
 import torch
 
+from . import distributed
 from .configs import ConfigError, option, parse_args
 from .criteria import CriteriaPrompts
 from .evaluation import report as reporting
@@ -147,49 +147,7 @@ def _fingerprint(cfg: EvalConfig, scorer) -> dict:
     }
 
 
-# ------------------------------------------------------------------------------------------ processes
-@dataclass
-class Ranks:
-    rank: int
-    world: int
-    device: str
-    group: object = None  # the gloo group the barriers run on
-    owns_group: bool = False
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier(group=self.group)
-
-    def close(self) -> None:
-        if self.owns_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def init_ranks(cfg: EvalConfig) -> Ranks:
-    """One process, or one rank of a torchrun job. The ranks exchange nothing but barriers (the
-    scores travel through the partial files), so the group is gloo on CPU and GPU alike."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if world > 1 and device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    if world == 1:
-        return Ranks(0, 1, device)
-    import torch.distributed as dist
-
-    timeout = timedelta(minutes=cfg.dist_timeout_minutes)
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group("gloo", timeout=timeout)
-    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-    return Ranks(dist.get_rank(), dist.get_world_size(), device, group, owns)
-
-
+# ------------------------------------------------------------------------------------------ progress
 class _Progress:
     """tqdm when installed, else a line every 10 s; pairs/s either way."""
 
@@ -261,17 +219,21 @@ def _score_rows(scorer, pairs, todo, systems, heads, hashes, chunk_size, store, 
 def run(cfg: EvalConfig) -> dict | None:
     """Evaluate; returns the results.json mapping on rank 0 (None on the other ranks)."""
     _check_config(cfg)
-    ranks = init_ranks(cfg)
+    # one process, or one rank of a torchrun job; the ranks exchange nothing but barriers (the
+    # scores travel through the partial files), so they meet on gloo on CPU and GPU alike
+    timeout = timedelta(minutes=cfg.dist_timeout_minutes)
+    ranks = distributed.init(cfg.device or "", backend="gloo", timeout=timeout)
     try:
-        return _run(cfg, ranks)
+        return _run(cfg, ranks, distributed.gloo_group(timeout))
     finally:
         ranks.close()
 
 
-def _run(cfg: EvalConfig, ranks: Ranks) -> dict | None:
+def _run(cfg: EvalConfig, ranks: distributed.DistInfo, group) -> dict | None:
+    """`group`: the gloo group the barriers run on (None: the default group)."""
     from .scorer import Scorer
 
-    main = ranks.rank == 0
+    main = ranks.is_main
     pairs = load_pairs(cfg.data, split=cfg.split, limit=cfg.limit)
     try:
         prompts = CriteriaPrompts.from_file(cfg.criteria_prompts) if cfg.criteria_prompts else CriteriaPrompts()
@@ -298,7 +260,7 @@ def _run(cfg: EvalConfig, ranks: Ranks) -> dict | None:
             PartialStore.reset(out)
             for name in OUTPUT_FILES:  # a fresh run: no stale results beside the new partial files
                 (out / name).unlink(missing_ok=True)
-    ranks.barrier()
+    distributed.barrier(group)
 
     # this rank's rows: i % world == rank; those finished by an earlier run are skipped
     owned = list(range(ranks.rank, len(pairs), ranks.world))
@@ -326,7 +288,7 @@ def _run(cfg: EvalConfig, ranks: Ranks) -> dict | None:
                        cfg.max_length)
     if main and todo:
         logger.info("scored %d pairs at %.1f pairs/s", len(todo), progress.rate())
-    ranks.barrier()
+    distributed.barrier(group)
     if not main:
         return None
     dtype = str(scorer.model.dtype).replace("torch.", "")

@@ -3,6 +3,10 @@
 Rows come from a local JSONL / JSON / Parquet file (or a Hugging Face dataset id, see
 tables.read_rows). A missing column, an empty or non-string field, or a repeated id is an error
 that names the file, the row (1-based, in file order) and the column.
+
+The checks of one field and the error's form are the trainer's (data.text_field, data.row_error);
+what is the evaluator's own is stricter than the trainer's `crb` schema: every column is required,
+ids keep their type (str or int, one per file) and are unique, and the texts are kept verbatim.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..data import BadRow, row_error, text_field
 from ..tables import DataError, read_rows
 
 CRB_COLUMNS = ("id", "prompt", "chosen", "rejected", "aspect", "language", "subset")
@@ -47,7 +52,7 @@ def load_pairs(source: str, split: str = "train", limit: int | None = None) -> l
 
 def validate(rows: list[dict[str, Any]], source: str) -> list[Pair]:
     pairs: list[Pair] = []
-    seen: dict[Any, int] = {}
+    seen: dict[Any, int] = {}  # id -> its row
     id_type = None
     for i, row in enumerate(rows, 1):
         missing = [c for c in CRB_COLUMNS if c not in row or row[c] is None]
@@ -55,27 +60,25 @@ def validate(rows: list[dict[str, Any]], source: str) -> list[Pair]:
             raise DataError(
                 f"{source}, row {i}: missing column {missing[0]!r} (a CRB row needs {', '.join(CRB_COLUMNS)})"
             )
-        rid = row["id"]
-        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-            raise DataError(
-                f"{source}, row {i}, column 'id': expected a string or an integer, got {type(rid).__name__}"
-            )
-        if isinstance(rid, str) and not rid.strip():
-            raise DataError(f"{source}, row {i}, column 'id': empty string")
-        if id_type is None:
-            id_type = type(rid)
-        elif type(rid) is not id_type:
-            raise DataError(
-                f"{source}, row {i}, column 'id': {type(rid).__name__} id among {id_type.__name__} ids; use one type"
-            )
-        if rid in seen:
-            raise DataError(f"{source}, row {i}, column 'id': id {rid!r} repeats row {seen[rid]}")
+        try:
+            rid = _check_id(row["id"], id_type, seen)
+            texts = [text_field(row[c], c, blank="empty string") for c in TEXT_COLUMNS]
+        except BadRow as bad:
+            raise row_error(source, i, repr(bad.column), bad.problem) from None
+        id_type = type(rid)
         seen[rid] = i
-        for col in TEXT_COLUMNS:
-            value = row[col]
-            if not isinstance(value, str):
-                raise DataError(f"{source}, row {i}, column {col!r}: expected a string, got {type(value).__name__}")
-            if not value.strip():
-                raise DataError(f"{source}, row {i}, column {col!r}: empty string")
-        pairs.append(Pair(rid, *(row[c] for c in TEXT_COLUMNS), row=i))
+        pairs.append(Pair(rid, *texts, row=i))
     return pairs
+
+
+def _check_id(rid: Any, id_type: type | None, seen: dict[Any, int]) -> str | int:
+    """A non-empty string or an integer, of the file's one id type, not seen before."""
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        raise BadRow("bad_id", "id", f"expected a string or an integer, got {type(rid).__name__}")
+    if isinstance(rid, str):
+        text_field(rid, "id", blank="empty string")
+    if id_type is not None and type(rid) is not id_type:
+        raise BadRow("bad_id", "id", f"{type(rid).__name__} id among {id_type.__name__} ids; use one type")
+    if rid in seen:
+        raise BadRow("repeated_id", "id", f"id {rid!r} repeats row {seen[rid]}")
+    return rid
