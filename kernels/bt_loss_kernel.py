@@ -70,11 +70,14 @@ def _bt_fwd_kernel(
         hmask = row_ok[:, None] & col_ok[None, :]
         hc = tl.load(hc_ptr + rows64[:, None] * stride_hc + cols[None, :], mask=hmask, other=0.0).to(tl.float32)
         hr = tl.load(hr_ptr + rows64[:, None] * stride_hr + cols[None, :], mask=hmask, other=0.0).to(tl.float32)
-        w = tl.load(
-            w_ptr + heads[:, None] * stride_w + cols[None, :], mask=head_ok[:, None] & col_ok[None, :], other=0.0
-        ).to(tl.float32)
-        acc_c += tl.sum(hc[:, None, :] * w[None, :, :], axis=2)
-        acc_r += tl.sum(hr[:, None, :] * w[None, :, :], axis=2)
+        # r[:, j] += hc @ w_j, one head at a time: 2-D tiles only (a 3-D broadcast-multiply-reduce is
+        # right in the interpreter but its kind compiled wrongly on an H200, see the backward)
+        for j in range(0, H):
+            w_j = tl.load(w_ptr + j * stride_w + cols, mask=col_ok, other=0.0).to(tl.float32)
+            rc_j = tl.sum(hc * w_j[None, :], axis=1)
+            rr_j = tl.sum(hr * w_j[None, :], axis=1)
+            acc_c = tl.where(heads[None, :] == j, acc_c + rc_j[:, None], acc_c)
+            acc_r = tl.where(heads[None, :] == j, acc_r + rr_j[:, None], acc_r)
 
     cell_ok = row_ok[:, None] & head_ok[None, :]
     m = tl.load(mask_ptr + rows64[:, None] * stride_mask + heads[None, :], mask=cell_ok, other=0.0).to(tl.float32)
@@ -162,13 +165,14 @@ def _bt_bwd_kernel(
                 dhr_ptr + rows64[:, None] * stride_dhr + cols[None, :], dhr.to(dhr_ptr.dtype.element_ty), mask=hmask
             )
         if COMPUTE_DW:
-            gmask = row_ok[:, None] & head_ok[None, :]
-            g_c = tl.load(gc_ptr + rows64[:, None] * stride_g + heads[None, :], mask=gmask, other=0.0) * scale
-            g_r = tl.load(gr_ptr + rows64[:, None] * stride_g + heads[None, :], mask=gmask, other=0.0) * scale
+            # dW[j] += g[:, j] @ h, one head at a time (2-D tiles only, as for dh)
             hc = tl.load(hc_ptr + rows64[:, None] * stride_hc + cols[None, :], mask=hmask, other=0.0).to(tl.float32)
             hr = tl.load(hr_ptr + rows64[:, None] * stride_hr + cols[None, :], mask=hmask, other=0.0).to(tl.float32)
-            dw_acc += tl.sum(g_c[:, :, None] * hc[:, None, :], axis=0)
-            dw_acc += tl.sum(g_r[:, :, None] * hr[:, None, :], axis=0)
+            for j in range(0, H):
+                gc_j = tl.load(gc_ptr + rows64 * stride_g + j, mask=row_ok, other=0.0) * scale
+                gr_j = tl.load(gr_ptr + rows64 * stride_g + j, mask=row_ok, other=0.0) * scale
+                dw_j = tl.sum(gc_j[:, None] * hc + gr_j[:, None] * hr, axis=0)
+                dw_acc = tl.where(heads[:, None] == j, dw_acc + dw_j[None, :], dw_acc)
     if COMPUTE_DW:
         tl.store(
             dw_part_ptr + pid_s.to(tl.int64) * stride_dwp_split + heads[:, None] * stride_dwp_h + cols[None, :],

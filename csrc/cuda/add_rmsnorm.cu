@@ -10,10 +10,11 @@ namespace {
 
 template <int VEC, int ITEMS>
 __global__ void __launch_bounds__(kMaxThreads, 1) add_rmsnorm_kernel(
-    const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ residual,
+    const __nv_bfloat16* x, const __nv_bfloat16* residual,
     const __nv_bfloat16* __restrict__ weight, __nv_bfloat16* __restrict__ y_out, __nv_bfloat16* h_out,
     int D, float eps) {
-  // x / residual may alias h_out (read before written, same thread): no __restrict__ on h_out
+  // x / residual may alias h_out (read before written, same thread): none of the three is __restrict__,
+  // so the compiler never reads them through the non-coherent (read-only) cache path
   __shared__ float scratch[kWarp];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * D;
   BVec<VEC> h[ITEMS];
