@@ -62,21 +62,38 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def to_torch(self, device=None) -> dict:
-        """The model's inputs as torch tensors on `device`: input_ids, position_ids, meta, score_index."""
+    def to_torch(self, device=None, with_seq_ids: bool = False) -> dict:
+        """The model's inputs as torch tensors on `device`: input_ids, position_ids, meta, score_index
+        (and seq_ids when asked). To a CUDA device the arrays go as two pinned host buffers (one
+        int64, one int32) and two asynchronous copies, so the host does not wait for the device."""
         import torch
 
         from .model import SegmentMeta
 
-        def t(a):
-            return torch.from_numpy(a).to(device, non_blocking=True)
+        wide = [self.input_ids, self.position_ids, self.score_index] + ([self.seq_ids] if with_seq_ids else [])
+        narrow = [self.cu_seqlens, self.prefix_start, self.prefix_len]
+        if device is not None and torch.device(device).type == "cuda":
+            wide, narrow = _to_device_in_one_copy(wide, torch.int64, device), _to_device_in_one_copy(
+                narrow, torch.int32, device)
+        else:
+            wide = [torch.from_numpy(a).to(device) for a in wide]
+            narrow = [torch.from_numpy(a).to(device) for a in narrow]
+        out = dict(input_ids=wide[0], position_ids=wide[1], meta=SegmentMeta(*narrow, self.max_seqlen),
+                   score_index=wide[2])
+        if with_seq_ids:
+            out["seq_ids"] = wide[3]
+        return out
 
-        return dict(
-            input_ids=t(self.input_ids),
-            position_ids=t(self.position_ids),
-            meta=SegmentMeta(t(self.cu_seqlens), t(self.prefix_start), t(self.prefix_len), self.max_seqlen),
-            score_index=t(self.score_index),
-        )
+
+def _to_device_in_one_copy(arrays, dtype, device) -> list:
+    """numpy arrays -> views of one device tensor, filled by one non-blocking copy from pinned memory
+    to a CUDA device (the caching host allocator keeps the pinned buffer until the copy has run)."""
+    import torch
+
+    sizes = [int(a.shape[0]) for a in arrays]
+    host = torch.empty(sum(sizes), dtype=dtype, pin_memory=torch.device(device).type == "cuda")
+    np.concatenate([np.asarray(a) for a in arrays], out=host.numpy(), casting="same_kind")
+    return list(torch.split(host.to(device, non_blocking=True), sizes))
 
 
 def shared_prefix_len(seqs: Sequence[Sequence[int]]) -> int:

@@ -45,9 +45,11 @@ class Scorer:
     """Scores conversations with a RewardModel; see ARCHITECTURE.md section 4 for the API.
 
     max_length: the longest standalone sequence (prompt + response, templated) in tokens.
-    max_tokens_per_batch: the token budget of one micro-batch (default: 16384, raised to the
-    largest group of a call when that is larger; a budget given explicitly is never raised and a
-    group over it is an error).
+    max_tokens_per_batch: the token budget of one micro-batch. Default: on a CUDA device, measured
+    from free memory on the first call (memory.auto_token_budget: the largest budget that fits
+    beside the weights); elsewhere 16384. A default budget is raised to the largest group of a call
+    when that is larger (with a warning on CUDA); a budget given explicitly is never raised and a
+    group over it is an error.
     on_overflow: what to do with a sequence over max_length: "truncate" the response from the right
     keeping the template's closing tokens (default), "skip" it (NaN scores), or raise ("error").
     """
@@ -68,6 +70,7 @@ class Scorer:
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.max_tokens_per_batch = max_tokens_per_batch
+        self.auto_budget = None  # memory.TokenBudget once measured (CUDA, no budget given)
         self.on_overflow = on_overflow
         self.last_report = ScoreReport()
         self._overflow_counts = [0, 0]  # [truncated, skipped] of the call in progress
@@ -238,12 +241,16 @@ class Scorer:
                 batches = packing.plan(tokens, seq_offsets, group_offsets, budget)
             except packing.PackingError as err:  # name the caller's item, not the kept-group index
                 raise InputError(_rename_group(str(err), kept_groups, groups)) from None
-            kept_index_t = torch.as_tensor(kept_index, dtype=torch.long)
+            device = self.model.device
+            # rewards stay on the device until the last micro-batch: no host sync inside the loop,
+            # so the host prepares and launches batch i+1 while the device computes batch i
+            out = torch.empty(len(kept_index), H, dtype=torch.float32, device=device)
             with torch.inference_mode():
                 for b in batches:
-                    inputs = b.to_torch(self.model.device)
-                    scores = self.model(**inputs).float().cpu()
-                    flat[kept_index_t[torch.from_numpy(b.seq_ids)]] = scores
+                    inputs = b.to_torch(device, with_seq_ids=True)
+                    seq_ids = inputs.pop("seq_ids")
+                    out.index_copy_(0, seq_ids, self.model(**inputs).float())
+            flat[torch.as_tensor(kept_index, dtype=torch.long)] = out.cpu()
             report.micro_batches = len(batches)
             report.tokens_computed = sum(b.num_tokens for b in batches)
             report.tokens_standalone = int(seq_offsets[-1])
@@ -260,7 +267,17 @@ class Scorer:
             return int(self.max_tokens_per_batch)
         lengths = np.diff(seq_offsets)
         largest = int(np.add.reduceat(lengths, group_offsets[:-1]).max())
-        return max(16384, largest)
+        if self.model.device.type != "cuda":
+            return max(16384, largest)
+        if self.auto_budget is None:
+            from .memory import auto_token_budget
+
+            self.auto_budget = auto_token_budget(self.model)
+        budget = self.auto_budget.tokens
+        if largest > budget:
+            logger.warning("a group of %d tokens is over the automatic token budget of %d (measured from free "
+                           "memory); it runs as one micro-batch and may not fit", largest, budget)
+        return max(budget, largest)
 
 
 def _rename_group(message: str, kept_groups, groups) -> str:
