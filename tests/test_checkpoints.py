@@ -135,3 +135,38 @@ def test_dtype_follows_request(root):
     src = make_checkpoint(root, "dtype", family="llama")
     rm = te.RewardModel.from_pretrained(src, dtype="bfloat16")
     assert all(p.dtype == torch.bfloat16 for p in rm.parameters())
+
+
+_RSS_PROBE = r"""
+import resource, sys, torch
+import themis_engine as te
+torch.zeros(1, device="cuda")  # the CUDA context, before the measurement
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rm = te.RewardModel.from_pretrained(sys.argv[1], dtype=torch.bfloat16, device="cuda", quantize=sys.argv[2] or None)
+torch.cuda.synchronize()
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024, rm.score.weight.device)
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize", ["", "fp8"])
+def test_gpu_load_keeps_host_memory_to_about_one_shard(tmp_path, quantize):
+    """Loading straight to the GPU: the process's peak host memory grows by about one shard (the
+    file mapped while it is read), not by the model."""
+    import subprocess
+    import sys
+
+    args = te.ModelArgs(family="qwen3", vocab_size=4096, hidden_size=1024, intermediate_size=3072, num_layers=8,
+                        num_heads=8, num_kv_heads=4, head_dim=128, criteria=("a", "b"))
+    torch.manual_seed(0)
+    rm = te.RewardModel(args).to(torch.bfloat16)  # ~100M parameters, 200 MiB in bf16
+    shard = 40 * 2**20
+    rm.save_pretrained(tmp_path / "m", max_shard_bytes=shard)
+    total = sum(p.numel() * p.element_size() for p in rm.parameters())
+    assert len(list((tmp_path / "m").glob("*.safetensors"))) >= 5
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(tmp_path / "m"), quantize],
+                         capture_output=True, text=True, check=True).stdout.split()
+    grew = int(out[0])
+    assert out[1].startswith("cuda")
+    assert grew < 2 * shard + 64 * 2**20 < total, f"host peak grew {grew / 2**20:.0f} MiB for a {total / 2**20:.0f} MiB model"

@@ -253,6 +253,47 @@ def test_loading_and_scorer_keyword(root):
     assert isinstance(QuantReport(), QuantReport)
 
 
+def test_loading_quantizes_block_by_block(root, tmp_path, monkeypatch):
+    """quantize="fp8" at load time: a block is quantized as soon as its tensors are in, so at most two
+    blocks (one split across two shards) ever hold linear weights in the compute dtype; the result is
+    the same as quantizing after loading."""
+    from themis_engine import quant
+
+    src = te.RewardModel.from_pretrained(_tiny(root, "blocks", num_layers=4), dtype=torch.float32, keep_lm_head=False)
+    sharded = tmp_path / "sharded"
+    src.save_pretrained(sharded, max_shard_bytes=60_000)  # several shards, blocks split across them
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    seen = []
+    real = quant.quantize_block
+
+    def watching(block, index, dtype, fast_accum, report):
+        model = block_owner[0]
+        live = sum(
+            any(type(m) is nn.Linear and m.weight.device.type != "meta" for m in layer.modules())
+            for layer in model.model.layers
+        )
+        seen.append((index, live))
+        return real(block, index, dtype, fast_accum, report)
+
+    block_owner = []
+    real_init = te.RewardModel.__init__
+
+    def remember(self, *a, **k):
+        real_init(self, *a, **k)
+        block_owner.append(self)
+
+    monkeypatch.setattr(quant, "quantize_block", watching)
+    monkeypatch.setattr(te.RewardModel, "__init__", remember)
+    loaded = te.RewardModel.from_pretrained(sharded, dtype=torch.float32, quantize="fp8")
+    monkeypatch.undo()
+    assert sorted(i for i, _ in seen) == [0, 1, 2, 3]
+    assert max(live for _, live in seen) <= 2, seen
+    after = te.RewardModel.from_pretrained(sharded, dtype=torch.float32)
+    quantize_model(after)
+    assert len(quantized_modules(loaded)) == 28
+    assert torch.equal(_score_workload(loaded, 8), _score_workload(after, 8))
+
+
 # ----------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,K,N,bias", [(1, 64, 32, False), (333, 1024, 768, True), (4096, 5120, 1024, False)])

@@ -6,6 +6,7 @@ a time (host memory bounded by the largest tensor), and nothing pickle-based is 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -164,6 +165,24 @@ def load_reward_model(
     by_file: dict[Path, list[str]] = {}
     for name in expected:
         by_file.setdefault(where[name], []).append(name)
+    # quantize="fp8": each block is quantized as soon as its last tensor is in, so the compute-dtype
+    # copies of the linear weights never exceed a block or two (32B in FP8 on a GPU too small for bf16)
+    quant_block, fp8_report = None, None
+    if quantize is not None:
+        from .quant import QuantReport, quantize_block, resolve_fp8_dtype
+
+        fp8_dtype, fp8_report = resolve_fp8_dtype(quantize), QuantReport()
+        pending = [0] * args.num_layers
+        for name in expected:
+            if name.startswith("model.layers."):
+                pending[int(name.split(".")[2])] += 1
+
+        def quant_block(name: str) -> None:
+            if name.startswith("model.layers."):
+                i = int(name.split(".")[2])
+                pending[i] -= 1
+                if pending[i] == 0:
+                    quantize_block(model.model.layers[i], i, fp8_dtype, False, fp8_report)
     # safetensors can put tensors straight on a CUDA device; the cast then happens there
     open_device = str(device) if device.type == "cuda" else "cpu"
     for file, names in by_file.items():
@@ -171,6 +190,9 @@ def load_reward_model(
             for name in names:
                 tensor = f.get_tensor(name).to(device=device, dtype=dtype)
                 _assign(model, name, tensor)
+                del tensor
+                if quant_block is not None:
+                    quant_block(name)
     if not is_cls:
         _assign(model, "score.weight", torch.zeros(args.num_criteria, args.hidden_size, dtype=dtype, device=device))
     if with_lm_head and args.tie_word_embeddings:
@@ -184,10 +206,8 @@ def load_reward_model(
         import warnings
 
         warnings.warn(f"{path}: {len(unexpected)} tensors not used by the engine: {', '.join(unexpected[:10])}")
-    if quantize is not None:
-        from .quant import quantize_model
-
-        quantize_model(model, quantize)
+    if fp8_report is not None:
+        logging.getLogger("themis_engine").info("%s", fp8_report)
     return model.eval()
 
 

@@ -296,30 +296,37 @@ def quantize_model(rm: nn.Module, dtype: torch.dtype | str = torch.float8_e4m3fn
     dtype = resolve_fp8_dtype(dtype)
     report = QuantReport()
     for i, block in enumerate(rm.model.layers):
-        swapped: dict[str, FP8Linear] = {}
-        for path in FP8_TARGETS:
-            parent_path, _, attr = path.rpartition(".")
-            parent = block.get_submodule(parent_path)
-            linear = getattr(parent, attr)
-            if isinstance(linear, FP8Linear):
-                continue  # already quantized
-            if type(linear) is not nn.Linear:
-                raise TypeError(f"quantize_model: model.layers.{i}.{path} is a {type(linear).__name__}, not nn.Linear")
-            q = FP8Linear.from_linear(linear, dtype, fast_accum)
-            report.modules.append(f"model.layers.{i}.{path}")
-            report.bytes_before += linear.weight.numel() * linear.weight.element_size()
-            report.bytes_after += q.weight_fp8.numel() * q.weight_fp8.element_size() + q.scale.numel() * 4
-            setattr(parent, attr, q)
-            swapped[path] = q
-            del linear
-        for group in _SHARED_INPUT:
-            if all(p in swapped for p in group):
-                cache = _InputCache()
-                for k, p in enumerate(group):
-                    swapped[p]._cache = cache
-                    swapped[p]._cache_role = "first" if k == 0 else "last" if k == len(group) - 1 else "middle"
+        quantize_block(block, i, dtype, fast_accum, report)
     logger.info("%s", report)
     return report
+
+
+@torch.no_grad()
+def quantize_block(block: nn.Module, index: int, dtype: torch.dtype, fast_accum: bool, report: QuantReport) -> None:
+    """quantize_model for one decoder block (the loader calls it as soon as a block is loaded, so
+    that a model never holds more than a block or two of linear weights in the compute dtype)."""
+    swapped: dict[str, FP8Linear] = {}
+    for path in FP8_TARGETS:
+        parent_path, _, attr = path.rpartition(".")
+        parent = block.get_submodule(parent_path)
+        linear = getattr(parent, attr)
+        if isinstance(linear, FP8Linear):
+            continue  # already quantized
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"quantize_model: model.layers.{index}.{path} is a {type(linear).__name__}, not nn.Linear")
+        q = FP8Linear.from_linear(linear, dtype, fast_accum)
+        report.modules.append(f"model.layers.{index}.{path}")
+        report.bytes_before += linear.weight.numel() * linear.weight.element_size()
+        report.bytes_after += q.weight_fp8.numel() * q.weight_fp8.element_size() + q.scale.numel() * 4
+        setattr(parent, attr, q)
+        swapped[path] = q
+        del linear
+    for group in _SHARED_INPUT:
+        if all(p in swapped for p in group):
+            cache = _InputCache()
+            for k, p in enumerate(group):
+                swapped[p]._cache = cache
+                swapped[p]._cache_role = "first" if k == 0 else "last" if k == len(group) - 1 else "middle"
 
 
 def quantized_modules(rm: nn.Module) -> list[str]:
