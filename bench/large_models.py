@@ -10,9 +10,9 @@ What it does, in one process, on the same card:
    bf16 weights made directly on the GPU, one tensor at a time (nothing on the host; no download):
    normal(0, 0.02) linears and embeddings (HF's initializer_range), unit norms, a head of std
    hidden^-1/2.
-2. Token budget: --max-tokens-per-batch, or chosen from free memory: one probe micro-batch measures
-   the peak activation bytes per token, and the budget is 85% of the memory left (free + the
-   allocator's cached) over that, rounded down to 1024 and capped at 131072.
+2. Token budget: --max-tokens-per-batch, or chosen from free memory as the Scorer does by default
+   (themis_engine.memory.auto_token_budget: one probe micro-batch measures the peak activation bytes
+   per token; the budget is 85% of the memory left over that, rounded down to 1024, capped at 131072).
 3. bf16: scores the CRB-like workload (themis_engine.workload, seeded; packed prefix-shared
    micro-batches through te.Scorer), warm-up on a slice, then --repeats timed runs (median).
 4. FP8: quantize_model in place (e4m3 weights, per-channel scales; bf16 weights freed as it goes),
@@ -50,13 +50,11 @@ if __package__ in (None, ""):
 import themis_engine as te  # noqa: E402
 from themis_engine import packing  # noqa: E402
 from themis_engine.config import ModelArgs, rope_inv_freq  # noqa: E402
+from themis_engine.memory import auto_token_budget  # noqa: E402
 from themis_engine.flops import DENSE_BF16_PEAK_TFLOPS, attention_flops, linear_flops_per_token  # noqa: E402
 from themis_engine.quant import fp8_backend, quantize_model  # noqa: E402
 from themis_engine.streaming import stream_layers  # noqa: E402
 from themis_engine.workload import crb_like_pairs  # noqa: E402
-
-BUDGET_CAP = 131072
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,6 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--fast-accum", action="store_true", help="FP8 GEMMs with _scaled_mm's fast accumulation")
     p.add_argument("--skip-fp8", action="store_true")
     p.add_argument("--skip-streaming", action="store_true")
+    p.add_argument("--streaming-only", action="store_true", help="only step 5 (no full-size model is built)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by card)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu", action="store_true", help="smoke mode: a tiny model on the CPU, float32")
@@ -142,23 +141,10 @@ def measure(model, work, warm, budget, device, repeats, max_length, args, peak) 
     return row, scores
 
 
-def auto_budget(model, work, device, max_length) -> tuple[int, float]:
-    """(token budget, activation bytes per token) from one probe micro-batch and the free memory."""
-    batches = plan(work, max(8192, 2 * max_length))
-    probe = max(batches, key=lambda b: b.num_tokens)
-    gc.collect()
-    torch.cuda.empty_cache()
-    sync(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    with torch.inference_mode():
-        model(**probe.to_torch(device))
-    sync(device)
-    per_token = (torch.cuda.max_memory_allocated(device) - base) / probe.num_tokens
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    budget = int(0.85 * free / per_token) // 1024 * 1024
-    return max(probe.num_tokens, min(BUDGET_CAP, budget)), per_token
+def auto_budget(model) -> tuple[int, float]:
+    """(token budget, activation bytes per token): the scorer's own choice (memory.auto_token_budget)."""
+    b = auto_token_budget(model)
+    return b.tokens, b.bytes_per_token
 
 
 def agreement(ref: torch.Tensor, other: torch.Tensor) -> dict:
@@ -192,30 +178,8 @@ def block_copy_ms(srm, device) -> float:
     return statistics.median(times)
 
 
-# ------------------------------------------------------------------------------------ main
-def main(argv=None):
-    opt = parse_args(argv)
-    if opt.cpu:
-        device, dtype = torch.device("cpu"), torch.float32
-        args = ModelArgs(family="qwen3", vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=4,
-                         num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e6, criteria=te.DEFAULT_CRITERIA)
-        pairs, max_length = min(opt.pairs, 8), min(opt.max_length, 256)
-        card, peak = "cpu", None
-    else:
-        if not torch.cuda.is_available():
-            sys.exit("no CUDA GPU here: run with --cpu for the smoke mode")
-        device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
-        args = ModelArgs.from_name(opt.model)
-        pairs, max_length = opt.pairs, opt.max_length
-        card = torch.cuda.get_device_name(device)
-        peak = opt.peak_tflops or next((v for k, v in DENSE_BF16_PEAK_TFLOPS.items() if k in card), None)
-    args.pad_token_id = 0
-    work = crb_like_pairs(pairs, args.vocab_size, max_length=max_length, seed=opt.seed)
-    warm = crb_like_pairs(min(4, pairs), args.vocab_size, max_length=max_length, seed=opt.seed + 1)
-    result = dict(card=card, model="tiny" if opt.cpu else opt.model, pairs=pairs, max_length=max_length)
-
-    # 1-3: bf16 (float32 on --cpu)
-    t0 = time.perf_counter()
+def full_model(opt, args, work, warm, device, dtype, max_length, peak, result, t0) -> int:
+    """Steps 1-4 on the full-size model: bf16, then FP8 in place. Returns the token budget used."""
     rm = random_reward_model(args, device, dtype, opt.seed)
     result["build_s"] = time.perf_counter() - t0
     result["params_b"] = sum(p.numel() for p in rm.parameters()) / 1e9
@@ -224,7 +188,7 @@ def main(argv=None):
     elif opt.cpu:
         budget, per_token = 4096, None
     else:
-        budget, per_token = auto_budget(rm, work, device, max_length)
+        budget, per_token = auto_budget(rm)
     result["budget"], result["activation_bytes_per_token"] = budget, per_token
     weights_gib = sum(p.numel() * p.element_size() for p in rm.parameters()) / 2**30
     bf16, ref_scores = measure(rm, work, warm, budget, device, opt.repeats, max_length, args, peak)
@@ -251,7 +215,36 @@ def main(argv=None):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return budget
 
+
+# ------------------------------------------------------------------------------------ main
+def main(argv=None):
+    opt = parse_args(argv)
+    if opt.cpu:
+        device, dtype = torch.device("cpu"), torch.float32
+        args = ModelArgs(family="qwen3", vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=4,
+                         num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e6, criteria=te.DEFAULT_CRITERIA)
+        pairs, max_length = min(opt.pairs, 8), min(opt.max_length, 256)
+        card, peak = "cpu", None
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA GPU here: run with --cpu for the smoke mode")
+        device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
+        args = ModelArgs.from_name(opt.model)
+        pairs, max_length = opt.pairs, opt.max_length
+        card = torch.cuda.get_device_name(device)
+        peak = opt.peak_tflops or next((v for k, v in DENSE_BF16_PEAK_TFLOPS.items() if k in card), None)
+    args.pad_token_id = 0
+    work = crb_like_pairs(pairs, args.vocab_size, max_length=max_length, seed=opt.seed)
+    warm = crb_like_pairs(min(4, pairs), args.vocab_size, max_length=max_length, seed=opt.seed + 1)
+    result = dict(card=card, model="tiny" if opt.cpu else opt.model, pairs=pairs, max_length=max_length)
+
+    # 1-4: the full-size model, bf16 (float32 on --cpu) then FP8
+    t0 = time.perf_counter()
+    budget = opt.max_tokens_per_batch or (4096 if opt.cpu else None)
+    if not opt.streaming_only:
+        budget = full_model(opt, args, work, warm, device, dtype, max_length, peak, result, t0)
     # 5: layer streaming vs resident, a model of the same shape with fewer blocks
     if not opt.skip_streaming:
         s_args = replace(args, num_layers=min(opt.stream_layers, args.num_layers))
@@ -259,7 +252,7 @@ def main(argv=None):
         if opt.stream_budget:
             s_budget = opt.stream_budget
         elif device.type == "cuda":
-            s_budget = auto_budget(rm, work, device, max_length)[0]
+            s_budget = auto_budget(rm)[0]
         else:
             s_budget = budget
         resident, res_scores = measure(rm, work, warm, s_budget, device, opt.repeats, max_length, s_args, peak)
@@ -297,13 +290,14 @@ def print_row(name, r):
 
 def print_summary(r):
     print()
-    print(f"large-model scoring | card: {r['card']} | model: {r['model']} ({r['params_b']:.2f}B parameters) | "
-          f"{r['pairs']} CRB-like pairs, max_length {r['max_length']} | budget {r['budget']} tokens"
-          + (f" (auto: {r['activation_bytes_per_token'] / 1024:.0f} KiB of activations per token)"
-             if r.get("activation_bytes_per_token") else ""))
-    print("| weights | budget | micro-batches | tokens/s | pairs/s | median s | peak GiB | MFU (bf16 peak) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    print_row("bf16" if r["card"] != "cpu" else "fp32", r["bf16"])
+    if "bf16" in r:
+        print(f"large-model scoring | card: {r['card']} | model: {r['model']} ({r['params_b']:.2f}B parameters) | "
+              f"{r['pairs']} CRB-like pairs, max_length {r['max_length']} | budget {r['budget']} tokens"
+              + (f" (auto: {r['activation_bytes_per_token'] / 1024:.0f} KiB of activations per token)"
+                 if r.get("activation_bytes_per_token") else ""))
+        print("| weights | budget | micro-batches | tokens/s | pairs/s | median s | peak GiB | MFU (bf16 peak) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print_row("bf16" if r["card"] != "cpu" else "fp32", r["bf16"])
     if "fp8" in r:
         f = r["fp8"]
         print_row(f"fp8 ({f['backend']})", f)
@@ -313,7 +307,10 @@ def print_summary(r):
               f"{f['max_abs_diff_over_std']:.3f} std, mean |diff| {f['mean_abs_diff_over_std']:.3f} std")
     if "streaming" in r:
         s = r["streaming"]
-        print(f"layer streaming ({s['layers']} blocks of the same shape, budget {s['budget']}):")
+        print(f"layer streaming | card: {r['card']} | model: {r['model']}, {s['layers']} blocks of its shape | "
+              f"{r['pairs']} CRB-like pairs | budget {s['budget']}")
+        print("| weights | budget | micro-batches | tokens/s | pairs/s | median s | peak GiB | MFU (bf16 peak) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         print_row("resident", s["resident"])
         print_row("streamed", s["streamed"])
         print(f"streamed / resident tokens/s: {s['streamed_over_resident']:.2f}x | scores max |diff| "

@@ -1,6 +1,7 @@
 """End-to-end scoring throughput: themis_engine against Hugging Face transformers, same weights.
 
     python bench/throughput.py --model qwen3-8b            # on a GPU
+    python bench/throughput.py --model qwen3-32b --skip-baseline --fp8 --max-tokens-per-batch auto
     python bench/throughput.py --cpu                       # smoke mode: tiny shape, CPU
 
 Both sides score the same CodeRewardBench-shaped workload (themis_engine.workload, seeded) with the
@@ -11,6 +12,11 @@ Each is warmed up, then timed --repeats times; the table shows medians. MFU coun
 token once (shared prefixes once, no padding) against the card's dense bf16 peak (--peak-tflops).
 The engine's scores are checked against the baseline's on the same pairs (max |diff| and
 pairwise-preference agreement), so a fast wrong engine does not pass unnoticed.
+--fp8: after the bf16 runs (and the baseline, which is then freed) the engine's block linears are
+quantized in place to e4m3 with per-channel scales (themis_engine.quant) and the engine is timed
+again on the same pairs and budget: tokens/s, MFU (against the bf16 peak, so the MFU ratio is the
+speed-up), and the FP8 scores' agreement with the bf16 engine's (preferences, correlation).
+--max-tokens-per-batch auto: the budget the Scorer measures from free memory (themis_engine.memory).
 
 Training throughput (--mode train), the same recipe on both sides:
 
@@ -98,7 +104,9 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, default=256, help="score: pairs in the workload")
     p.add_argument("--max-length", type=int, default=4096, help="longest standalone sequence")
     p.add_argument("--batch-size", type=int, default=8, help="baseline: sequences per padded batch")
-    p.add_argument("--max-tokens-per-batch", type=int, default=32768, help="engine: token budget per micro-batch")
+    p.add_argument("--max-tokens-per-batch", type=_budget_arg, default=32768,
+                   help="engine: token budget per micro-batch, or 'auto' (measured from free memory)")
+    p.add_argument("--fp8", action="store_true", help="score: also time the engine with FP8 (e4m3) block weights")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: 3 score, 1 train)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by card name)")
@@ -116,6 +124,15 @@ def parse_args(argv=None):
     t.add_argument("--tie", choices=("shape", "yes", "no"), default="shape",
                    help="tie the LM head to the embeddings (shape: as the model shape; the --cpu shape ties)")
     return p.parse_args(argv)
+
+
+def _budget_arg(text: str):
+    if text == "auto":
+        return None  # the Scorer measures it on CUDA (themis_engine.memory), 16384 elsewhere
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a token budget must be positive, got {value}")
+    return value
 
 
 def build_models(args: ModelArgs, device, dtype, with_baseline: bool):
@@ -223,6 +240,8 @@ def main(argv=None):
     report = scorer.last_report
     from themis_engine import packing
 
+    if budget is None:  # what the scorer chose
+        budget = scorer.auto_budget.tokens if scorer.auto_budget is not None else 16384
     tokens, so, go = packing.flatten_groups([[p + c, p + r] for p, c, r in
                                              zip(work.prefix_ids, work.chosen_ids, work.rejected_ids)])
     batches = packing.plan(tokens, so, go, budget)
@@ -257,6 +276,10 @@ def main(argv=None):
             max_abs_diff=float(diff.max()), score_scale=float(hf_scores.abs().mean()),
             preference_agreement=float((pref_eng == pref_hf).float().mean()),
         )
+    if opt.fp8:
+        del hf
+        hf = None
+        rows["fp8"] = time_fp8(engine, scorer, work, warm, eng_scores, device, opt.repeats, flops, unique, peak, t_eng)
     print_table(rows)
     if opt.json:
         with open(opt.json, "w") as f:
@@ -264,6 +287,35 @@ def main(argv=None):
     del engine, hf
     gc.collect()
     return rows
+
+
+def time_fp8(engine, scorer, work, warm, bf16_scores, device, repeats, flops, unique, peak, t_bf16) -> dict:
+    """Quantize the engine's block linears in place, then time it as the bf16 engine was timed."""
+    from themis_engine.quant import fp8_backend, quantize_model
+
+    gc.collect()
+    report = quantize_model(engine)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    probe = torch.zeros(1, engine.args.hidden_size, device=device, dtype=engine.dtype)
+    backend = fp8_backend(probe, engine.model.layers[0].self_attn.q_proj.weight_fp8)
+    run_engine(scorer, warm)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    scores = run_engine(scorer, work)
+    t, times = time_it(lambda: run_engine(scorer, work), device, repeats)
+    ref, got = bf16_scores.double(), scores.double()
+    m_ref, m_got = ref[:, 0] - ref[:, 1], got[:, 0] - got[:, 1]
+    return dict(
+        backend=backend, s=t, times=times, pairs_per_s=len(work) / t, tokens_per_s=unique / t,
+        mfu=flops / t / (peak * 1e12) if peak else float("nan"), speedup_vs_bf16=t_bf16 / t,
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
+        bytes_saved_gib=report.bytes_saved / 2**30,
+        preference_agreement=float(((m_ref > 0) == (m_got > 0)).double().mean()),
+        score_correlation=float(np.corrcoef(ref.flatten().numpy(), got.flatten().numpy())[0, 1]),
+        max_abs_diff=float((got - ref).abs().max()),
+    )
 
 
 def print_table(r):
@@ -281,6 +333,13 @@ def print_table(r):
         print(f"speedup (pairs/s): {r['speedup']:.2f}x | engine vs transformers scores: max |diff| "
               f"{r['max_abs_diff']:.3g} (mean |score| {r['score_scale']:.3g}), preference agreement "
               f"{r['preference_agreement']:.1%}")
+    if "fp8" in r:
+        f = r["fp8"]
+        print(f"| themis_engine fp8 ({f['backend']}) | {f['pairs_per_s']:.2f} | {f['tokens_per_s']:.0f} | {f['s']:.3f} | "
+              f"{f['peak_gib']:.2f} | {f['mfu']:.1%} |")
+        print(f"fp8 / bf16 engine: {f['speedup_vs_bf16']:.2f}x | fp8 vs bf16 engine scores: preference agreement "
+              f"{f['preference_agreement']:.1%}, correlation {f['score_correlation']:.4f}, max |diff| "
+              f"{f['max_abs_diff']:.3g} | weights {f['bytes_saved_gib']:.1f} GiB smaller")
     print(f"token ratio (padded baseline tokens / engine tokens): {r['token_ratio']:.2f} on this run; "
           f"{r['token_ratio_full_workload']:.2f} on the full workload; "
           f"unique {r['unique_tokens']} / standalone {r['standalone_tokens']} / padded {r['padded_tokens']}")

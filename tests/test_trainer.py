@@ -205,3 +205,37 @@ def test_scalar_heads_report_per_aspect_and_finetune_from_export(tmp_path):
     bad.model.path = str(export)
     with pytest.raises(TrainingError, match="no LM head"):
         Trainer(bad)
+
+
+# ----------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_gpu_bf16_training_and_export(tmp_path):
+    """On CUDA: float32 master weights on the one-rank FSDP2 group, bf16 compute through the Triton
+    kernels (forward and backward), fused AdamW; the losses stay finite, the weights move, and the
+    export scores in the scorer on the card as it does in float32 on the CPU (to bf16 rounding)."""
+    cfg = _cfg(tmp_path, model__dtype="bfloat16", run__device="cuda", run__export=True, run__max_steps=6)
+    t = Trainer(cfg)
+    assert t.mixed and t.device.type == "cuda"
+    before = _weights(t)
+    t.fit()
+    after = _weights(t)
+    assert all(torch.isfinite(v.float()).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(x)) for x in losses), losses
+    convs = [[{"role": "user", "content": "Sum a list."}, {"role": "assistant", "content": c}]
+             for c in ("def f(xs): return sum(xs)", "x = eval(input())")]
+    gpu = te.Scorer.from_pretrained(tmp_path / "export", device="cuda", dtype=torch.bfloat16).score(convs)
+    cpu = te.Scorer.from_pretrained(tmp_path / "export", device="cpu", dtype=torch.float32).score(convs)
+    torch.testing.assert_close(gpu, cpu, rtol=5e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_demo_preset_learns(tmp_path):
+    """The README's main job on a card: the demo preset in bf16 on CUDA beats 80% held-out accuracy."""
+    res = _run_cli(["--preset", "demo", f"--run.output={tmp_path}", "--run.progress=false", "--run.device=cuda",
+                    "--model.dtype=bfloat16"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    final = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["eval/accuracy"] >= 0.80, final

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from themis_engine.packing import shared_prefix_len
 from themis_engine.workload import crb_like_pairs
 
@@ -37,6 +39,17 @@ def test_throughput_cpu_smoke_mode(capsys):
     assert "| themis_engine |" in out and "| transformers |" in out and "token ratio" in out
     assert rows["max_abs_diff"] < 1e-4 and rows["preference_agreement"] == 1.0
     assert rows["token_ratio"] > 1.0
+
+
+def test_throughput_cpu_fp8_row(capsys):
+    rows = _load_throughput().main(["--cpu", "--pairs", "4", "--repeats", "1", "--skip-baseline", "--fp8",
+                                    "--max-tokens-per-batch", "auto"])
+    out = capsys.readouterr().out
+    assert "| themis_engine fp8 (dequantize) |" in out and "fp8 / bf16 engine:" in out
+    f = rows["fp8"]
+    assert f["tokens_per_s"] > 0 and f["score_correlation"] > 0.99 and f["preference_agreement"] >= 0.75
+    with pytest.raises(SystemExit):  # argparse refuses a budget that is not positive
+        _load_throughput().parse_args(["--max-tokens-per-batch", "0"])
 
 
 def _load_throughput():
