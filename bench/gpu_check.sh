@@ -9,25 +9,27 @@
 #   STEPS="tests kernels" bash bench/gpu_check.sh    # a subset, in the order given
 #   DEADLINE=300 bash bench/gpu_check.sh             # seconds; a step that would not end by then is skipped
 #
-# Steps, with a time limit each (seconds) and what they ran in before (H200, 2026-11-26):
-#   tests    200  every GPU test, in 4 parallel pytest shards (Triton compiles on 16 cores in parallel);
-#                 the kernel files run whole (their interpreter-sized awkward shapes compile on the card),
-#                 the rest of tests/ with -m gpu. 32 kernel tests took 159 s serially then.
-#   kernels  150  bench/kernels.py (its own budget: 130 s): every kernel vs eager / SDPA / FlexAttention.
-#   tp06      90  scoring, qwen3-0.6b, engine vs transformers (~40 s then)
-#   tp8      120  scoring, qwen3-8b, engine vs transformers (~60 s then)
-#   tr17     150  training steps, qwen3-1.7b, engine vs transformers (never ran yet)
-#   tr8      200  training steps, qwen3-8b (never ran yet; falls back to a lean setting on OOM)
-#   tp32     200  scoring qwen3-32b, engine only, bf16 then FP8 in place, budget from free memory
-#   stream   120  layer streaming vs resident, 8 blocks of qwen3-32b's shape (bench/large_models.py)
-# The default order puts correctness first. All steps take about 20 minutes: more than one call
-# (10 minutes at most) and more than a session's device time (15 minutes, start-up included), so
-# split them, e.g. call 1: STEPS="tests kernels tp06 tp8"; call 2: STEPS="tr17 tr8 tp32 stream".
+# Steps: estimate / limit in seconds (a step is skipped when less than its estimate is left before
+# DEADLINE, and stopped at its limit or at DEADLINE), what each ran in before (H200, 2026-11-26):
+#   tests    150/220  every GPU test, in 4 parallel pytest shards (Triton compiles on 16 cores at once);
+#                     the kernel files run whole (their interpreter-sized awkward shapes compile on the
+#                     card too), the rest of tests/ with -m gpu. 32 kernel tests took 159 s serially.
+#   kernels  140/150  bench/kernels.py (its own budget: 130 s): every kernel vs eager / SDPA / FlexAttention
+#   tp06      45/90   scoring, qwen3-0.6b, engine vs transformers (about 40 s before)
+#   tp8       70/120  scoring, qwen3-8b, engine vs transformers (about 60 s before)
+#   cuda      60/120  the CUDA scoring kernels (csrc/cuda): build with nvcc, each vs its Triton/PyTorch path
+#   tr17      90/150  training steps, qwen3-1.7b, engine vs transformers (never ran yet)
+#   tr8      120/200  training steps, qwen3-8b (never ran yet; a lean setting if it runs out of memory)
+#   tp32     120/200  scoring qwen3-32b, engine only, bf16 then FP8 in place, budget from free memory
+#   stream    60/120  layer streaming vs resident, 8 blocks of qwen3-32b's shape (bench/large_models.py)
+# Correctness first. All steps need about 13 minutes: more than one call (10 minutes at most) and,
+# with the start-up, about a whole session's device time (15 minutes). Split them, e.g. call 1:
+# STEPS="tests kernels tp06 tp8" (about 7 minutes); call 2: STEPS="cuda tr17 tr8 tp32 stream".
 set -uo pipefail
 OUT=${OUT:-/tmp/themis_gpu_check}
 LOGS=${LOGS:-/tmp/themis_gpu_logs}
 mkdir -p "$OUT" "$LOGS"
-STEPS=${STEPS:-"tests kernels tp06 tp8 tr17 tr8 tp32 stream"}
+STEPS=${STEPS:-"tests kernels tp06 tp8 cuda tr17 tr8 tp32 stream"}
 DEADLINE=${DEADLINE:-560}
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -44,16 +46,17 @@ python3 -c "import themis_engine._planner" 2>/dev/null || echo "note: the C++ pl
 
 status=()
 pack() { tar czf "$OUT/gpu_check.tgz.part" -C "$LOGS" . 2>/dev/null && mv "$OUT/gpu_check.tgz.part" "$OUT/gpu_check.tgz"; }
-fits() {  # fits LIMIT: would a step of LIMIT seconds end before DEADLINE?
-  if (( SECONDS - T0 + $1 > DEADLINE )); then return 1; fi
-}
-step() {  # step NAME LIMIT CMD...
-  local name=$1 limit=$2; shift 2
-  if ! fits "$limit"; then status+=("$name skipped (deadline: $((SECONDS - T0))s + ${limit}s > ${DEADLINE}s)"); return; fi
+remaining() { echo $((DEADLINE - (SECONDS - T0))); }
+step() {  # step NAME ESTIMATE LIMIT CMD...: skipped when less than ESTIMATE seconds are left before
+  # DEADLINE; stopped at LIMIT or at DEADLINE, whichever comes first
+  local name=$1 est=$2 limit=$3; shift 3
+  local left; left=$(remaining)
+  if (( left < est )); then status+=("$name skipped (${left}s left before the deadline, needs ~${est}s)"); return; fi
+  (( limit > left )) && limit=$left
   local t0=$SECONDS
   timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
-  status+=("$name rc=$rc $((SECONDS - t0))s")
+  status+=("$name rc=$rc $((SECONDS - t0))s$([ $rc = 124 ] && echo ' (timed out)')")
   tail -4 "$LOGS/$name.log"
   pack
 }
@@ -61,8 +64,10 @@ step() {  # step NAME LIMIT CMD...
 KERNEL_FILES="tests/test_attention_kernel.py tests/test_block_kernels.py tests/test_bt_loss_kernel.py \
 tests/test_linear_ce_kernel.py tests/test_model_kernels.py tests/test_convergence.py"
 run_tests() {
-  local limit=200 t0=$SECONDS pids=() k=0
-  if ! fits "$limit"; then status+=("tests skipped (deadline)"); return; fi
+  local est=150 limit=220 t0=$SECONDS pids=() k=0 left
+  left=$(remaining)
+  if (( left < est )); then status+=("tests skipped (${left}s left before the deadline)"); return; fi
+  (( limit > left )) && limit=$left
   local ignore=""
   for f in $KERNEL_FILES; do ignore="$ignore --ignore=$f"; done
   local shards=(
@@ -87,23 +92,24 @@ run_tests() {
 for s in $STEPS; do
   case $s in
     tests)   run_tests ;;
-    kernels) step kernels 150 python3 bench/kernels.py --json "$LOGS/kernels.json" ;;
-    tp06)    step tp06 90 python3 bench/throughput.py --model qwen3-0.6b --pairs 256 --json "$LOGS/tp06.json"
+    kernels) step kernels 140 150 python3 bench/kernels.py --json "$LOGS/kernels.json" ;;
+    tp06)    step tp06 45 90 python3 bench/throughput.py --model qwen3-0.6b --pairs 256 --json "$LOGS/tp06.json"
              # if a kernel fails on the card, still measure the engine on the references
-             grep -q "^| themis_engine" "$LOGS/tp06.log" 2>/dev/null || THEMIS_KERNELS=reference step tp06ref 90 \
+             grep -q "^| themis_engine" "$LOGS/tp06.log" 2>/dev/null || THEMIS_KERNELS=reference step tp06ref 45 90 \
                python3 bench/throughput.py --model qwen3-0.6b --pairs 128 --json "$LOGS/tp06ref.json" ;;
-    tp8)     step tp8 120 python3 bench/throughput.py --model qwen3-8b --pairs 64 --repeats 2 --json "$LOGS/tp8.json" ;;
-    tr17)    step tr17 150 python3 bench/throughput.py --mode train --model qwen3-1.7b --steps 4 --global-batch 32 \
+    tp8)     step tp8 70 120 python3 bench/throughput.py --model qwen3-8b --pairs 64 --repeats 2 --json "$LOGS/tp8.json" ;;
+    cuda)    step cuda 60 120 python3 -m themis_engine.cuda_ext --bench ;;
+    tr17)    step tr17 90 150 python3 bench/throughput.py --mode train --model qwen3-1.7b --steps 4 --global-batch 32 \
                --json "$LOGS/tr17.json" ;;
-    tr8)     step tr8 200 python3 bench/throughput.py --mode train --model qwen3-8b --steps 2 --global-batch 32 \
+    tr8)     step tr8 120 200 python3 bench/throughput.py --mode train --model qwen3-8b --steps 2 --global-batch 32 \
                --json "$LOGS/tr8.json"
              # if it ran out of memory, still measure at a leaner setting (stateless SGD, smaller batches)
-             grep -q "^| themis_engine" "$LOGS/tr8.log" 2>/dev/null || step tr8lean 200 python3 bench/throughput.py \
+             grep -q "^| themis_engine" "$LOGS/tr8.log" 2>/dev/null || step tr8lean 120 200 python3 bench/throughput.py \
                --mode train --model qwen3-8b --steps 1 --global-batch 32 --optimizer sgd --hf-micro-pairs 1 \
                --max-tokens-per-batch 16384 --json "$LOGS/tr8lean.json" ;;
-    tp32)    step tp32 200 python3 bench/throughput.py --model qwen3-32b --pairs 48 --repeats 2 --skip-baseline --fp8 \
-               --max-tokens-per-batch auto --json "$LOGS/tp32.json" ;;
-    stream)  step stream 120 python3 bench/large_models.py --model qwen3-32b --streaming-only --pairs 32 \
+    tp32)    step tp32 120 200 python3 bench/throughput.py --model qwen3-32b --pairs 48 --repeats 2 --skip-baseline \
+               --fp8 --max-tokens-per-batch auto --json "$LOGS/tp32.json" ;;
+    stream)  step stream 60 120 python3 bench/large_models.py --model qwen3-32b --streaming-only --pairs 32 \
                --json "$LOGS/stream.json" ;;
     *)       status+=("$s: unknown step") ;;
   esac
@@ -114,7 +120,7 @@ echo
 echo "== gpu_check summary ($((SECONDS - T0))s) =="
 printf '%s\n' "${status[@]}"
 cat "$LOGS"/tests?.log 2>/dev/null | grep -E "^FAILED|^ERROR| passed| failed" | head -20
-for f in tp06 tp06ref tp8 tr17 tr8 tr8lean tp32 stream; do
+for f in tp06 tp06ref tp8 cuda tr17 tr8 tr8lean tp32 stream; do
   [ -f "$LOGS/$f.log" ] && grep -E "^\| |speedup|token ratio|fp8 / bf16|streamed /|^training|^recipe|Error" "$LOGS/$f.log"
 done
 [ -f "$LOGS/kernels.log" ] && grep -E "^\||target" "$LOGS/kernels.log" | tail -24
