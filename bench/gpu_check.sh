@@ -22,6 +22,7 @@
 #   tr8      120/200  training steps, qwen3-8b (never ran yet; a lean setting if it runs out of memory)
 #   tp32     120/200  scoring qwen3-32b, engine only, bf16 then FP8 in place, budget from free memory
 #   stream    60/120  layer streaming vs resident, 8 blocks of qwen3-32b's shape (bench/large_models.py)
+#   sweep     60/120  attention tile candidates timed (bench/attention_sweep.py; not in the default list)
 # Correctness first. All steps need about 13 minutes: more than one call (10 minutes at most) and,
 # with the start-up, about a whole session's device time (15 minutes). Split them, e.g. call 1:
 # STEPS="tests kernels tp06 tp8" (about 7 minutes); call 2: STEPS="cuda tr17 tr8 tp32 stream".
@@ -109,6 +110,7 @@ for s in $STEPS; do
                --max-tokens-per-batch 16384 --json "$LOGS/tr8lean.json" ;;
     tp32)    step tp32 120 200 python3 bench/throughput.py --model qwen3-32b --pairs 48 --repeats 2 --skip-baseline \
                --fp8 --max-tokens-per-batch auto --json "$LOGS/tp32.json" ;;
+    sweep)   step sweep 60 120 python3 bench/attention_sweep.py --json "$LOGS/sweep.json" ;;
     stream)  step stream 60 120 python3 bench/large_models.py --model qwen3-32b --streaming-only --pairs 32 \
                --json "$LOGS/stream.json" ;;
     *)       status+=("$s: unknown step") ;;
@@ -120,7 +122,7 @@ echo
 echo "== gpu_check summary ($((SECONDS - T0))s) =="
 printf '%s\n' "${status[@]}"
 cat "$LOGS"/tests?.log 2>/dev/null | grep -E "^FAILED|^ERROR| passed| failed" | head -20
-for f in tp06 tp06ref tp8 cuda tr17 tr8 tr8lean tp32 stream; do
+for f in tp06 tp06ref tp8 cuda tr17 tr8 tr8lean tp32 stream sweep; do
   [ -f "$LOGS/$f.log" ] && grep -E "^\| |speedup|token ratio|fp8 / bf16|streamed /|^training|^recipe|Error" "$LOGS/$f.log"
 done
 [ -f "$LOGS/kernels.log" ] && grep -E "^\||target" "$LOGS/kernels.log" | tail -24

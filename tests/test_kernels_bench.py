@@ -73,3 +73,18 @@ def test_visible_pairs_counts_the_mask():
         k = torch.arange(T)[None, :]
         mask = ((seg[q] == seg[k]) & (k <= q)) | ((k >= lo[q]) & (k < hi[q]))
         assert int(mask.sum()) == mod.visible_pairs(segs)
+
+
+def test_attention_sweep_cpu_smoke(capsys):
+    """bench/attention_sweep.py's timing path at tiny sizes: two tile candidates, same results."""
+    spec = importlib.util.spec_from_file_location("attention_sweep", ROOT / "bench" / "attention_sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    rows = mod.main(["--cpu", "--head-dim", "32"])
+    out = capsys.readouterr().out
+    assert len(rows) == 4 and all("error" not in r for r in rows), rows
+    assert {r["workload"] for r in rows} == {"dense", "prefix"}
+    assert rows[0]["blocks"] != rows[1]["blocks"]  # two different tilings of the same inputs ...
+    assert all(r["max_rel_diff_vs_first"] < 1e-5 for r in rows)  # ... agree (float32)
+    assert "| dense |" in out and "| prefix |" in out

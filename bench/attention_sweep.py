@@ -1,0 +1,180 @@
+"""Attention tile sweep: time candidate block sizes / warps / stages of the attention kernel, so
+that one GPU call gives the data to choose `attention_kernel.default_blocks`.
+
+    python bench/attention_sweep.py                    # GPU: every candidate, dense causal + prefix-shared
+    python bench/attention_sweep.py --static           # no GPU: compile each candidate for sm_90 and report
+                                                       # shared memory, registers and spills (prefilter)
+    python bench/attention_sweep.py --cpu --head-dim 32  # smoke: two candidates, tiny sizes, Triton interpreter
+
+Workloads (bench/kernels.py's): dense causal, 4 segments of 4096 tokens; prefix-shared, 16384
+tokens in groups of a 2048-token prefix + 2 suffixes of 1024..2048. Hq=32, Hkv=8, D=128, bf16.
+Each candidate is checked against the default's output and gradients on the same inputs (max
+|diff| / max |default|; a candidate over 2e-2 is marked WRONG) and timed with bench/kernels.py's
+Timer (CUDA events after an L2 flush, median). TFLOP/s count the visible (query, key) pairs only
+(forward 4*D*Hq*pairs, forward+backward 3.5x that), as bench/kernels.py does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _bench_kernels():
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def candidates(head_dim: int):
+    """Candidate AttentionBlocks(fwd_m, fwd_n, dq_m, dq_n, dkv_m, dkv_n, fwd_warps, bwd_warps, stages)."""
+    from themis_engine.kernels.attention_kernel import AttentionBlocks as B
+
+    if head_dim <= 64:
+        return [B(128, 64, 64, 64, 32, 128, 4, 4, 3), B(128, 64, 64, 64, 32, 128, 8, 8, 3),
+                B(128, 64, 64, 64, 64, 64, 8, 8, 3), B(128, 128, 128, 64, 64, 128, 8, 8, 3),
+                B(64, 64, 64, 64, 64, 64, 4, 4, 3)]
+    # --static on sm_90 (triton 3.9, 2026-11-26): the 4-warp variants spill 250-2400 B in dK/dV and
+    # are left out; (128, 64, 128, 32, 32, 128, 8, 8, 2) is the one with no spill in any kernel
+    return [
+        B(128, 64, 64, 64, 64, 64, 8, 8, 2),    # the default (2026-11-26): dK/dV 255 regs, 112 B spill
+        B(128, 64, 64, 64, 64, 64, 8, 8, 3),
+        B(128, 128, 64, 64, 64, 64, 8, 8, 2),
+        B(128, 64, 128, 64, 64, 128, 8, 8, 2),
+        B(128, 64, 64, 64, 32, 128, 8, 8, 2),
+        B(128, 64, 128, 32, 32, 128, 8, 8, 2),  # no spill
+        B(128, 64, 128, 32, 32, 128, 8, 8, 3),
+    ]
+
+
+def static(head_dim: int, arch: int) -> list[dict]:
+    """Compile each candidate's three kernels for sm_<arch> (no GPU): shared memory, registers, spills."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    from themis_engine.kernels import attention_kernel as A
+    from themis_engine.kernels.compile_check import Recorder, compile_launch
+
+    T, Hq, Hkv = 40, 32, 8
+    cu = torch.tensor([0, 12, 22, 30, T], dtype=torch.int32)
+    ps = torch.zeros(4, dtype=torch.int32)
+    pl = torch.tensor([0, 12, 12, 0], dtype=torch.int32)
+    rows = []
+    for cand in candidates(head_dim):
+        q = torch.randn(T, Hq, head_dim, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(T, Hkv, head_dim, dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(T, Hkv, head_dim, dtype=torch.bfloat16, requires_grad=True)
+        with Recorder() as rec:
+            out, _ = A.attention(q, k, v, cu, ps, pl, 12, head_dim**-0.5, blocks=cand)
+            torch.autograd.grad(out.float().sum(), (q, k, v))
+        row = dict(blocks=asdict(cand))
+        for launch in rec.launches.values():
+            r = compile_launch(launch, arch)
+            name = r["kernel"].replace("_attn_", "").replace("_kernel", "")
+            row[name] = (f"{r['shared'] // 1024} KB, {r.get('registers')} regs, {r.get('spill_bytes')} B spill"
+                         if r["ok"] else "FAILED: " + r["error"][:200])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def sweep(head_dim: int, repeat_ms: float, cpu: bool = False) -> list[dict]:
+    from themis_engine.kernels import attention_kernel as A
+
+    bk = _bench_kernels()
+    dev = torch.device("cpu" if cpu else "cuda")
+    timer = bk.Timer(dev, repeat_ms, 1 if cpu else 5, 50)
+    Hq, Hkv, dt = (4, 1, torch.float32) if cpu else (32, 8, torch.bfloat16)
+    if cpu:  # smoke: every code path at tiny sizes under the Triton interpreter
+        workloads = {"dense": bk.dense_workload(2, 48), "prefix": bk.prefix_workload(160, 32, (16, 40), 2)}
+    else:
+        workloads = {"dense": bk.dense_workload(4, 4096), "prefix": bk.prefix_workload(16384, 2048, (1024, 2048), 2)}
+    rows = []
+    for wname, segs in workloads.items():
+        T = segs[-1][0] + segs[-1][1]
+        cu, ps, pl, max_seqlen = bk._meta(segs, dev)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(T, h, head_dim, generator=g).to(dev, dt).requires_grad_(True) for h in (Hq, Hkv, Hkv))
+        do = torch.randn(T, Hq, head_dim, generator=g).to(dev, dt)
+        fwd_flops = 4.0 * head_dim * Hq * bk.visible_pairs(segs)
+        base = None
+        cands = candidates(head_dim)
+        for cand in ([cands[0], cands[2]] if cpu else cands):
+            def fwd(c=cand):
+                return A.attention(q, k, v, cu, ps, pl, max_seqlen, head_dim**-0.5, blocks=c)[0]
+
+            def fwd_bwd(c=cand):
+                return torch.autograd.grad(fwd(c), (q, k, v), do)
+
+            row = dict(workload=wname, blocks=asdict(cand))
+            try:
+                outs = [fwd().detach()] + [x.detach() for x in fwd_bwd()]
+                if base is None:
+                    base = outs
+                row["max_rel_diff_vs_first"] = max(float((a.float() - b.float()).abs().max() / b.float().abs().max())
+                                                   for a, b in zip(outs, base))
+                t_f, t_fb = timer(fwd)["ms"], timer(fwd_bwd)["ms"]
+                row.update(fwd_ms=t_f, fwd_bwd_ms=t_fb, fwd_tflops=fwd_flops / t_f / 1e9,
+                           fwd_bwd_tflops=3.5 * fwd_flops / t_fb / 1e9)
+            except Exception as err:  # noqa: BLE001 - a candidate that fails is reported, the sweep goes on
+                row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def print_table(rows):
+    print("| workload | fwd_m fwd_n dq_m dq_n dkv_m dkv_n fwd_w bwd_w stages | fwd ms | fwd TFLOP/s | fwd+bwd ms | "
+          "fwd+bwd TFLOP/s | rel diff vs first |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        b = " ".join(str(x) for x in r["blocks"].values())
+        if "error" in r:
+            print(f"| {r['workload']} | {b} | ERROR {r['error'][:80]} | | | | |")
+            continue
+        flag = " WRONG" if r["max_rel_diff_vs_first"] > 2e-2 else ""
+        print(f"| {r['workload']} | {b} | {r['fwd_ms']:.3f} | {r['fwd_tflops']:.0f} | {r['fwd_bwd_ms']:.3f} | "
+              f"{r['fwd_bwd_tflops']:.0f} | {r['max_rel_diff_vs_first']:.1e}{flag} |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--static", action="store_true", help="no GPU: compile the candidates for --arch and report")
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--repeat-ms", type=float, default=200.0)
+    p.add_argument("--cpu", action="store_true", help="smoke mode: tiny sizes, two candidates, Triton interpreter")
+    p.add_argument("--json", default=None)
+    opt = p.parse_args(argv)
+    if opt.static:
+        rows = static(opt.head_dim, opt.arch)
+    else:
+        if not opt.cpu and not torch.cuda.is_available():
+            sys.exit("no CUDA GPU here: --static compiles the candidates without one, --cpu is a smoke run")
+        rows = sweep(opt.head_dim, opt.repeat_ms, cpu=opt.cpu)
+        print_table(rows)
+    if opt.json:
+        with open(opt.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    want_interpreter = "--cpu" in sys.argv
+    if bool(os.environ.get("TRITON_INTERPRET")) != want_interpreter:  # before Triton is imported
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        if want_interpreter:
+            env["TRITON_INTERPRET"] = "1"
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    main()
