@@ -55,7 +55,7 @@ step() {  # step NAME ESTIMATE LIMIT CMD...: skipped when less than ESTIMATE sec
   if (( left < est )); then status+=("$name skipped (${left}s left before the deadline, needs ~${est}s)"); return; fi
   (( limit > left )) && limit=$left
   local t0=$SECONDS
-  timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  timeout -k 15 "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   status+=("$name rc=$rc $((SECONDS - t0))s$([ $rc = 124 ] && echo ' (timed out)')")
   tail -4 "$LOGS/$name.log"
@@ -79,7 +79,7 @@ run_tests() {
   )
   for shard in "${shards[@]}"; do
     # shellcheck disable=SC2086
-    timeout "$limit" python3 -m pytest -q -p no:cacheprovider -rfE --durations=3 $shard \
+    timeout -k 15 "$limit" python3 -m pytest -q -p no:cacheprovider -rfE --durations=3 $shard \
       >"$LOGS/tests$k.log" 2>&1 &
     pids+=($!); k=$((k + 1))
   done

@@ -291,9 +291,12 @@ def measure_op(run: Run, section: str, impls: list[Impl], *, flops: dict | None 
             except Exception as err:  # an OOM, or a baseline the installed torch lacks: note it, go on
                 if _STOP["requested"]:
                     raise Stopped() from err
+                first_line = (str(err).splitlines() or [""])[0][:120]
                 if not impl.optional:
-                    raise
-                row["note"] = _join(row["note"], f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+                    # our kernel failed: keep the section's other rows (the baselines), fail the run
+                    run.env.setdefault("errors", []).append(f"{section}/{impl.name}/{pass_name}: "
+                                                            f"{type(err).__name__}: {first_line}")
+                row["note"] = _join(row["note"], f"failed: {type(err).__name__}: {first_line}")
                 if run.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue

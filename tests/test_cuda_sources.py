@@ -169,3 +169,21 @@ def test_gpu_ops_trace(ops):
                           test_utils=("test_schema", "test_faketensor"))
     f = torch.compile(lambda a, b: ops.add_rmsnorm(a, b, w, 1e-6)[0] * 2, fullgraph=True)
     assert torch.equal(f(hidden, hidden), ops.add_rmsnorm(hidden, hidden, w, 1e-6)[0] * 2)
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    """A JIT build killed by a signal leaves build_dir/lock behind; later builds would wait on it forever."""
+    import os
+    import time
+
+    from themis_engine import cuda_ext
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    cuda_ext._clear_stale_lock(tmp_path)
+    assert lock.exists()  # another process may be building right now
+    old = time.time() - cuda_ext.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    cuda_ext._clear_stale_lock(tmp_path)
+    assert not lock.exists()
+    cuda_ext._clear_stale_lock(tmp_path)  # no lock: nothing to do

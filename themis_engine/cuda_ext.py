@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -89,6 +90,7 @@ def _build_with_nvcc(build_dir: Path, verbose: bool) -> Path:
     lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
     major, minor = torch.cuda.get_device_capability()
     out = build_dir / f"{EXT_NAME}.so"
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # renamed when complete: no half-written .so
     cmd = [
         nvcc, "-shared", "-O3", "-std=c++20", "-Xcompiler", "-fPIC", "-cudart", "shared",
         f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}",
@@ -96,17 +98,33 @@ def _build_with_nvcc(build_dir: Path, verbose: bool) -> Path:
         f"-I{CSRC}", *[f"-I{p}" for p in includes],
         *[str(p) for p in _source_paths()],
         f"-L{lib_dir}", "-lc10", "-lc10_cuda", "-ltorch", "-ltorch_cpu", "-Xlinker", f"-rpath={lib_dir}",
-        "-o", str(out),
+        "-o", str(tmp),
     ]
     if verbose:
         print(" ".join(cmd), file=sys.stderr)
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
+        tmp.unlink(missing_ok=True)
         raise RuntimeError(f"themis_cuda: nvcc build failed:\n{res.stdout}\n{res.stderr}")
+    os.replace(tmp, out)
     return out
 
 
 _LOADED: list = []
+STALE_LOCK_S = 300
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    """torch's JIT build holds build_dir/lock and removes it in a `finally`; a build killed by a
+    signal leaves it, and every later build waits on it forever. A lock older than STALE_LOCK_S
+    (longer than a build takes) is such a leftover."""
+    lock = build_dir / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            print(f"themis_cuda: removed a stale build lock {lock}", file=sys.stderr)
+    except FileNotFoundError:
+        pass
 
 
 def load(verbose: bool = False):
@@ -120,6 +138,7 @@ def load(verbose: bool = False):
     build_dir = _build_dir()
     from torch.utils import cpp_extension as ce
 
+    _clear_stale_lock(build_dir)
     if ce.is_ninja_available():
         ce.load(
             name=EXT_NAME, sources=[str(p) for p in sources], extra_include_paths=[str(CSRC)],

@@ -143,7 +143,7 @@ def _rowwise_scaled_mm_works(index: int) -> bool:
         sb = torch.ones(1, 16, device=dev)
         y = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
         ok = bool((y.float() == 32).all())
-    except RuntimeError as err:
+    except Exception as err:  # noqa: BLE001 - any refusal of _scaled_mm's (RuntimeError, ValueError, ...)
         warnings.warn(f"FP8Linear: row-wise torch._scaled_mm is not available on {torch.cuda.get_device_name(dev)} "
                       f"({err}); FP8 weights are dequantized for the matmul there")
         return False
