@@ -213,7 +213,9 @@ def test_gpu_bf16_training_and_export(tmp_path):
     """On CUDA: float32 master weights on the one-rank FSDP2 group, bf16 compute through the Triton
     kernels (forward and backward), fused AdamW; the losses stay finite, the weights move, and the
     export scores in the scorer on the card as it does in float32 on the CPU (to bf16 rounding)."""
-    cfg = _cfg(tmp_path, model__dtype="bfloat16", run__device="cuda", run__export=True, run__max_steps=6)
+    # head_dim 16: a head size the Triton attention kernel takes (SMALL's 8 would run on the reference)
+    cfg = _cfg(tmp_path, model__dtype="bfloat16", model__head_dim=16, run__device="cuda", run__export=True,
+               run__max_steps=6)
     t = Trainer(cfg)
     assert t.mixed and t.device.type == "cuda"
     before = _weights(t)
@@ -228,7 +230,8 @@ def test_gpu_bf16_training_and_export(tmp_path):
              for c in ("def f(xs): return sum(xs)", "x = eval(input())")]
     gpu = te.Scorer.from_pretrained(tmp_path / "export", device="cuda", dtype=torch.bfloat16).score(convs)
     cpu = te.Scorer.from_pretrained(tmp_path / "export", device="cpu", dtype=torch.float32).score(convs)
-    torch.testing.assert_close(gpu, cpu, rtol=5e-2, atol=1e-2)
+    # scores are ~1e-2 here; bf16 vs float32 differed by ~5e-4 on the CPU
+    torch.testing.assert_close(gpu, cpu, rtol=2e-2, atol=3e-3)
 
 
 @pytest.mark.gpu
@@ -239,3 +242,31 @@ def test_gpu_demo_preset_learns(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     final = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["eval/accuracy"] >= 0.80, final
+
+
+def test_bf16_fsdp_keeps_rope_frequencies_float32(tmp_path, monkeypatch):
+    """The CUDA recipe (FSDP2, bf16 compute, activation checkpointing) on one CPU rank: each block must
+    get the rotary inv_freq in float32 (a bf16 copy turns the angle at position 4000 off by radians),
+    while its weights and the residual stream are bf16."""
+    from themis_engine.model import MLP, Attention
+
+    monkeypatch.setattr(Trainer, "mixed", property(lambda self: True, lambda self, value: None), raising=False)
+    seen, weights = [], []
+
+    def record(module, args):  # modules inside a block: after FSDP's cast of the block's inputs
+        if isinstance(module, Attention):
+            seen.append((args[0].dtype, args[3].dtype))
+        elif isinstance(module, MLP):
+            weights.append((args[0].dtype, module.up_proj.weight.dtype))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        t = Trainer(_cfg(tmp_path, model__activation_checkpointing=True, run__max_steps=1))
+        t.fit()
+    finally:
+        handle.remove()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert seen and weights, "no block ran"
+    assert all(h == torch.bfloat16 and inv == torch.float32 for h, inv in seen), seen
+    assert all(x == torch.bfloat16 and w == torch.bfloat16 for x, w in weights), weights

@@ -175,8 +175,11 @@ class Trainer:
         if distributed.active() or self.mixed:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+            # cast_forward_inputs=False: the blocks' float inputs include the rotary inv_freq (and the
+            # root's, the BT margins), which must stay float32; the residual stream is already bf16
+            # because the embedding's weight is
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.mixed else torch.float32,
-                                      reduce_dtype=torch.float32)
+                                      reduce_dtype=torch.float32, cast_forward_inputs=False)
             for block in rm.model.layers:
                 fully_shard(block, mp_policy=mp)
             fully_shard(objective, mp_policy=mp)
