@@ -90,9 +90,22 @@ def implementation(op: str, x) -> Callable:
     return getattr(reference, op)
 
 
+ATTENTION_HEAD_DIMS = (16, 32, 64, 128, 256)  # what the Triton attention kernel takes (powers of two)
+_warned_head_dims: set = set()
+
+
 def attention(q, k, v, cu_seqlens, prefix_start, prefix_len, max_seqlen, scale):
-    """Prefix-shared varlen attention; see reference.attention. Returns (out, lse)."""
-    return implementation("attention", q)(q, k, v, cu_seqlens, prefix_start, prefix_len, max_seqlen, scale)
+    """Prefix-shared varlen attention; see reference.attention. Returns (out, lse). A head dim the
+    Triton kernel does not take runs on the reference (warned once per head dim)."""
+    fn = implementation("attention", q)
+    D = q.shape[-1]
+    if fn is not reference.attention and D not in ATTENTION_HEAD_DIMS:
+        if D not in _warned_head_dims:
+            _warned_head_dims.add(D)
+            warnings.warn(f"attention: head dim {D} is not one the Triton kernel takes {ATTENTION_HEAD_DIMS}; "
+                          "using the PyTorch reference (slower, quadratic memory per segment)")
+        fn = reference.attention
+    return fn(q, k, v, cu_seqlens, prefix_start, prefix_len, max_seqlen, scale)
 
 
 def rms_norm(x, weight, eps, residual=None):

@@ -262,6 +262,21 @@ def test_dispatch_picks_the_kernel(monkeypatch, device):
     assert kernels.implementation("attention", q) is ak.attention
 
 
+def test_dispatch_sends_other_head_dims_to_the_reference(monkeypatch, device):
+    """Head dim 24 (the demo preset's) or 8: the kernel refuses them, so the dispatch runs the
+    reference, with one warning, and the result is the reference's."""
+    monkeypatch.setenv("THEMIS_KERNELS", "triton")
+    meta = pack_groups([(5, [3, 2]), (0, [4])])
+    T = int(meta[0][-1])
+    for D in (24, 8):
+        q, k, v = make_qkv(T, 2, 1, D, torch.float32, device, seed=D)
+        kernels._warned_head_dims.discard(D)
+        with pytest.warns(UserWarning, match=f"head dim {D} is not one the Triton kernel takes"):
+            out, lse = kernels.attention(q, k, v, *meta[:3], meta[3], D**-0.5)
+        ref_out, ref_lse = reference.attention(q, k, v, *meta[:3], meta[3], D**-0.5)
+        assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
 def test_torch_compile_traces_the_ops(device):
     meta = pack_groups([(12, [5, 1]), (0, [7])])
     q, k, v = make_qkv(int(meta[0][-1]), 4, 2, 16, torch.float32, device, seed=9)

@@ -131,7 +131,7 @@ PRESETS: dict[str, dict] = {
     # Runs anywhere in minutes: synthetic code preferences, a small model from scratch, CPU float32.
     "demo": {
         "model": {"path": "", "family": "qwen3", "hidden_size": 96, "num_layers": 2, "num_heads": 4,
-                  "num_kv_heads": 2, "head_dim": 24, "intermediate_size": 192, "dtype": "float32"},
+                  "num_kv_heads": 2, "head_dim": 32, "intermediate_size": 192, "dtype": "float32"},
         "data": {"synthetic_pairs": 2400, "eval_fraction": 0.1, "max_length": 512},
         "objective": {"heads": "criteria", "lm_coef": 0.1, "magnitude_coef": 0.001},
         "optim": {"lr": 2e-3, "terminal_lr": 1e-4, "warmup_fraction": 0.05, "weight_decay": 0.1, "clip": 1.0},
