@@ -539,6 +539,11 @@ def rel_diff(a: float, b: float) -> float:
 def main_train(opt):
     from themis_engine.train_config import PRESETS
 
+    if opt.max_tokens_per_batch is None:
+        sys.exit("--max-tokens-per-batch auto is for --mode score (training's budget is a number)")
+    if opt.fp8:
+        sys.exit("--fp8 is for --mode score (FP8 weights are inference-only)")
+
     preset = PRESETS["themis-pm"]
     lm_coef = float(preset["objective"]["lm_coef"])
     mu = float(preset["objective"]["magnitude_coef"])

@@ -141,7 +141,8 @@ _RSS_PROBE = r"""
 import resource, sys, torch
 import themis_engine as te
 torch.zeros(1, device="cuda")  # the CUDA context, before the measurement
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with open("/proc/self/statm") as f:  # the resident set now (not the peak so far, which could hide growth)
+    before = int(f.read().split()[1]) * resource.getpagesize() // 1024
 rm = te.RewardModel.from_pretrained(sys.argv[1], dtype=torch.bfloat16, device="cuda", quantize=sys.argv[2] or None)
 torch.cuda.synchronize()
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
