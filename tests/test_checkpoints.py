@@ -135,6 +135,20 @@ def test_dtype_follows_request(root):
     src = make_checkpoint(root, "dtype", family="llama")
     rm = te.RewardModel.from_pretrained(src, dtype="bfloat16")
     assert all(p.dtype == torch.bfloat16 for p in rm.parameters())
+    assert rm.inv_freq.dtype == torch.float32
+
+
+def test_casting_a_model_keeps_its_rotary_frequencies_float32(root):
+    """rm.to(torch.bfloat16) casts every floating buffer; the rotary frequencies are recomputed in
+    float32, so a cast model scores as one loaded in bf16."""
+    src = make_checkpoint(root, "cast", family="qwen3", num_labels=2)
+    loaded = te.RewardModel.from_pretrained(src, dtype="bfloat16")
+    cast = te.RewardModel.from_pretrained(src, dtype="float32").to(torch.bfloat16)
+    assert cast.inv_freq.dtype == torch.float32 and torch.equal(cast.inv_freq, loaded.inv_freq)
+    ids = [list(range(3, 40)), list(range(50, 300))]
+    a = te.Scorer(loaded, tokenizer=None).score_token_groups([[]], [ids])[0]
+    b = te.Scorer(cast, tokenizer=None).score_token_groups([[]], [ids])[0]
+    assert torch.equal(a, b)
 
 
 _RSS_PROBE = r"""

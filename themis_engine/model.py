@@ -133,6 +133,14 @@ class RewardModel(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.gradient_checkpointing = False
 
+    def _apply(self, fn, recurse=True):
+        """.to(dtype) / .half() / .bfloat16() cast every floating buffer; the rotary frequencies must
+        stay float32 (a bf16 copy puts the angle at position 4000 off by radians): recomputed after."""
+        out = super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
+            self.inv_freq = rope_inv_freq(self.args)[0].to(self.inv_freq.device)
+        return out
+
     @property
     def criteria(self) -> list[str]:
         return list(self.args.criteria)
