@@ -11,7 +11,7 @@
 #
 # Steps: estimate / limit in seconds (a step is skipped when less than its estimate is left before
 # DEADLINE, and stopped at its limit or at DEADLINE), what each ran in before (H200, 2026-11-26):
-#   tests    150/220  every GPU test, in 4 parallel pytest shards (Triton compiles on 16 cores at once);
+#   tests    150/220  every GPU test, in 5 parallel pytest shards (Triton compiles on 16 cores at once);
 #                     the kernel files run whole (their interpreter-sized awkward shapes compile on the
 #                     card too), the rest of tests/ with -m gpu. 32 kernel tests took 159 s serially.
 #   kernels  140/150  bench/kernels.py (its own budget: 130 s): every kernel vs eager / SDPA / FlexAttention
@@ -73,7 +73,8 @@ run_tests() {
   for f in $KERNEL_FILES; do ignore="$ignore --ignore=$f"; done
   local shards=(
     "tests/test_attention_kernel.py"
-    "tests/test_block_kernels.py tests/test_bt_loss_kernel.py"
+    "tests/test_block_kernels.py"
+    "tests/test_bt_loss_kernel.py"
     "tests/test_linear_ce_kernel.py tests/test_model_kernels.py tests/test_convergence.py"
     "tests/ -m gpu $ignore"
   )
@@ -87,7 +88,7 @@ run_tests() {
   for i in "${!pids[@]}"; do wait "${pids[$i]}" || rc=$?; done
   status+=("tests rc=$rc $((SECONDS - t0))s")
   pack
-  cat "$LOGS"/tests?.log | grep -E "^(FAILED|ERROR)|passed|failed" | head -30
+  grep -E "^(FAILED|ERROR)|passed|failed" "$LOGS"/tests?.log | head -30
 }
 
 for s in $STEPS; do
@@ -121,7 +122,7 @@ done
 echo
 echo "== gpu_check summary ($((SECONDS - T0))s) =="
 printf '%s\n' "${status[@]}"
-cat "$LOGS"/tests?.log 2>/dev/null | grep -E "^FAILED|^ERROR| passed| failed" | head -20
+grep -E "^FAILED|^ERROR| passed| failed" "$LOGS"/tests?.log 2>/dev/null | head -20
 for f in tp06 tp06ref tp8 cuda tr17 tr8 tr8lean tp32 stream sweep; do
   [ -f "$LOGS/$f.log" ] && grep -E "^\| |speedup|token ratio|fp8 / bf16|streamed /|^training|^recipe|Error" "$LOGS/$f.log"
 done
