@@ -88,7 +88,7 @@ run_tests() {
   for i in "${!pids[@]}"; do wait "${pids[$i]}" || rc=$?; done
   status+=("tests rc=$rc $((SECONDS - t0))s")
   pack
-  grep -E "^(FAILED|ERROR)|passed|failed" "$LOGS"/tests?.log | head -30
+  grep -E "^(FAILED|ERROR)|passed|failed| skipped in" "$LOGS"/tests?.log | head -30
 }
 
 for s in $STEPS; do
@@ -122,7 +122,7 @@ done
 echo
 echo "== gpu_check summary ($((SECONDS - T0))s) =="
 printf '%s\n' "${status[@]}"
-grep -E "^FAILED|^ERROR| passed| failed" "$LOGS"/tests?.log 2>/dev/null | head -20
+grep -E "^FAILED|^ERROR| passed| failed| skipped in" "$LOGS"/tests?.log 2>/dev/null | head -20
 for f in tp06 tp06ref tp8 cuda tr17 tr8 tr8lean tp32 stream sweep; do
   [ -f "$LOGS/$f.log" ] && grep -E "^\| |speedup|token ratio|fp8 / bf16|streamed /|^training|^recipe|Error" "$LOGS/$f.log"
 done
