@@ -5,7 +5,7 @@ lands under the generic top-level name `kernels`.
 
 The C++ packing planner (csrc/planner.cpp -> themis_engine._planner, pybind11) is built where a C++
 compiler and pybind11 are there; THEMIS_NO_EXT=1 skips it. It is optional: without pybind11, or when
-the compile fails, the install goes on with a warning and themis_engine/packing.py's pure-Python
+the compile fails, the install goes on with a warning and themis_engine/packing/planner.py's pure-Python
 planner is used. An isolated build (plain `pip install .` / `pip install -e .`) gets pybind11 through
 setup_requires (setuptools' backend reports it as a build requirement); `--no-build-isolation` uses
 the pybind11 of the environment, if any, and never fetches it.
@@ -14,7 +14,7 @@ the pybind11 of the environment, if any, and never fetches it.
 import os
 import sys
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 WANT_EXT = os.environ.get("THEMIS_NO_EXT", "").strip().lower() not in ("1", "true", "yes", "on")
@@ -79,7 +79,8 @@ setup(
     version="0.1.0",
     description="Fast training, scoring and evaluation of Bradley-Terry code reward models",
     python_requires=">=3.10",
-    packages=["themis_engine", "themis_engine.kernels"],
+    # every package under themis_engine/ is found (a new folder needs no entry here), plus kernels/
+    packages=find_packages(include=["themis_engine", "themis_engine.*"]) + ["themis_engine.kernels"],
     package_dir={"themis_engine": "themis_engine", "themis_engine.kernels": "kernels"},
     install_requires=[
         # torch>=2.11 admits the 2.13.0 CPU wheel on the dev machines and 2.11 on the GPU image

@@ -100,7 +100,7 @@ for s in $STEPS; do
              grep -q "^| themis_engine" "$LOGS/tp06.log" 2>/dev/null || THEMIS_KERNELS=reference step tp06ref 45 90 \
                python3 bench/throughput.py --model qwen3-0.6b --pairs 128 --json "$LOGS/tp06ref.json" ;;
     tp8)     step tp8 70 120 python3 bench/throughput.py --model qwen3-8b --pairs 64 --repeats 2 --json "$LOGS/tp8.json" ;;
-    cuda)    step cuda 60 120 python3 -m themis_engine.cuda_ext --bench ;;
+    cuda)    step cuda 60 120 python3 -m themis_engine.kernels.cuda_ext --bench ;;
     tr17)    step tr17 90 150 python3 bench/throughput.py --mode train --model qwen3-1.7b --steps 4 --global-batch 32 \
                --json "$LOGS/tr17.json" ;;
     tr8)     step tr8 120 200 python3 bench/throughput.py --mode train --model qwen3-8b --steps 2 --global-batch 32 \

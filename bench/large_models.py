@@ -11,9 +11,9 @@ What it does, in one process, on the same card:
    normal(0, 0.02) linears and embeddings (HF's initializer_range), unit norms, a head of std
    hidden^-1/2.
 2. Token budget: --max-tokens-per-batch, or chosen from free memory as the Scorer does by default
-   (themis_engine.memory.auto_token_budget: one probe micro-batch measures the peak activation bytes
+   (themis_engine.scoring.budget.auto_token_budget: one probe micro-batch measures the peak activation bytes
    per token; the budget is 85% of the memory left over that, rounded down to 1024, capped at 131072).
-3. bf16: scores the CRB-like workload (themis_engine.workload, seeded; packed prefix-shared
+3. bf16: scores the CRB-like workload (themis_engine.data.workload, seeded; packed prefix-shared
    micro-batches through te.Scorer), warm-up on a slice, then --repeats timed runs (median).
 4. FP8: quantize_model in place (e4m3 weights, per-channel scales; bf16 weights freed as it goes),
    the same budget, the same workload and timing. Agreement with the bf16 scores of step 3:
@@ -48,17 +48,17 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import themis_engine as te  # noqa: E402
-from themis_engine import packing  # noqa: E402
-from themis_engine.config import ModelArgs, rope_inv_freq  # noqa: E402
-from themis_engine.memory import auto_token_budget  # noqa: E402
-from themis_engine.flops import DENSE_BF16_PEAK_TFLOPS, attention_flops, linear_flops_per_token  # noqa: E402
-from themis_engine.quant import fp8_backend, quantize_model  # noqa: E402
-from themis_engine.streaming import stream_layers  # noqa: E402
-from themis_engine.workload import crb_like_pairs  # noqa: E402
+from themis_engine.packing import planner as packing  # noqa: E402
+from themis_engine.model.args import ModelArgs, rope_inv_freq  # noqa: E402
+from themis_engine.scoring.budget import auto_token_budget  # noqa: E402
+from themis_engine.model.flops import DENSE_BF16_PEAK_TFLOPS, attention_flops, linear_flops_per_token  # noqa: E402
+from themis_engine.model.fp8 import fp8_backend, quantize_model  # noqa: E402
+from themis_engine.model.offload import stream_layers  # noqa: E402
+from themis_engine.data.workload import crb_like_pairs  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="qwen3-32b", help="a built-in shape: " + ", ".join(te.config.NAMED_SHAPES))
+    p.add_argument("--model", default="qwen3-32b", help="a built-in shape: " + ", ".join(te.model.args.NAMED_SHAPES))
     p.add_argument("--pairs", type=int, default=48, help="CRB-like pairs in the workload")
     p.add_argument("--max-length", type=int, default=4096, help="longest standalone sequence")
     p.add_argument("--max-tokens-per-batch", type=int, default=None, help="token budget (default: from free memory)")

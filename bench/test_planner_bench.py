@@ -5,7 +5,7 @@ Not part of the normal test run (pytest.ini's testpaths is tests/). Run:
     python -m pytest bench/test_planner_bench.py --benchmark-only
 
 The workload: 50k preference pairs (groups of 2 = 100k sequences) with CodeRewardBench-like lengths,
-the distributions of themis_engine.workload.crb_like_pairs drawn with numpy (that generator builds
+the distributions of themis_engine.data.workload.crb_like_pairs drawn with numpy (that generator builds
 Python lists, too slow and too big at this size): a prompt (chat-template tokens + a criterion
 prompt + a user prompt) shared by both responses, and for half of the pairs ("commit-style") a long
 common opening of the two responses. Token budget 16384 (the engine's default). The Python planner
@@ -21,8 +21,8 @@ import os
 import numpy as np
 import pytest
 
-from themis_engine import packing
-from themis_engine.workload import TEMPLATE_CLOSE, TEMPLATE_OPEN
+from themis_engine.packing import planner as packing
+from themis_engine.data.workload import TEMPLATE_CLOSE, TEMPLATE_OPEN
 
 try:
     from themis_engine import _planner

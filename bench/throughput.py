@@ -4,7 +4,7 @@
     python bench/throughput.py --model qwen3-32b --skip-baseline --fp8 --max-tokens-per-batch auto
     python bench/throughput.py --cpu                       # smoke mode: tiny shape, CPU
 
-Both sides score the same CodeRewardBench-shaped workload (themis_engine.workload, seeded) with the
+Both sides score the same CodeRewardBench-shaped workload (themis_engine.data.workload, seeded) with the
 same random weights: transformers' `AutoModelForSequenceClassification` (bf16, sdpa attention,
 right-padded batches of --batch-size sequences in dataset order, as a standard evaluation script
 does) and the engine (packed, prefix-shared micro-batches of --max-tokens-per-batch tokens).
@@ -13,10 +13,10 @@ token once (shared prefixes once, no padding) against the card's dense bf16 peak
 The engine's scores are checked against the baseline's on the same pairs (max |diff| and
 pairwise-preference agreement), so a fast wrong engine does not pass unnoticed.
 --fp8: after the bf16 runs (and the baseline, which is then freed) the engine's block linears are
-quantized in place to e4m3 with per-channel scales (themis_engine.quant) and the engine is timed
+quantized in place to e4m3 with per-channel scales (themis_engine.model.fp8) and the engine is timed
 again on the same pairs and budget: tokens/s, MFU (against the bf16 peak, so the MFU ratio is the
 speed-up), and the FP8 scores' agreement with the bf16 engine's (preferences, correlation).
---max-tokens-per-batch auto: the budget the Scorer measures from free memory (themis_engine.memory).
+--max-tokens-per-batch auto: the budget the Scorer measures from free memory (themis_engine.scoring.budget).
 
 Training throughput (--mode train), the same recipe on both sides:
 
@@ -88,11 +88,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import themis_engine as te
-from themis_engine import batching
-from themis_engine.config import ModelArgs
-from themis_engine.flops import DENSE_BF16_PEAK_TFLOPS, attention_flops, linear_flops_per_token
-from themis_engine.objective import RewardObjective
-from themis_engine.workload import crb_like_pairs
+from themis_engine.train import microbatch as batching
+from themis_engine.model.args import ModelArgs
+from themis_engine.model.flops import DENSE_BF16_PEAK_TFLOPS, attention_flops, linear_flops_per_token
+from themis_engine.train.objective import RewardObjective
+from themis_engine.data.workload import crb_like_pairs
 
 
 
@@ -100,7 +100,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=("score", "train"), default="score",
                    help="score: scoring throughput (default); train: training step throughput")
-    p.add_argument("--model", default="qwen3-0.6b", help="a built-in shape: " + ", ".join(te.config.NAMED_SHAPES))
+    p.add_argument("--model", default="qwen3-0.6b", help="a built-in shape: " + ", ".join(te.model.args.NAMED_SHAPES))
     p.add_argument("--pairs", type=int, default=256, help="score: pairs in the workload")
     p.add_argument("--max-length", type=int, default=4096, help="longest standalone sequence")
     p.add_argument("--batch-size", type=int, default=8, help="baseline: sequences per padded batch")
@@ -128,7 +128,7 @@ def parse_args(argv=None):
 
 def _budget_arg(text: str):
     if text == "auto":
-        return None  # the Scorer measures it on CUDA (themis_engine.memory), 16384 elsewhere
+        return None  # the Scorer measures it on CUDA (themis_engine.scoring.budget), 16384 elsewhere
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"a token budget must be positive, got {value}")
@@ -151,7 +151,7 @@ def build_models(args: ModelArgs, device, dtype, with_baseline: bool):
         engine = te.RewardModel(args)
     sd = hf.state_dict()
     engine.load_state_dict({k: v for k, v in sd.items() if k in dict(engine.named_parameters())}, assign=True)
-    engine.inv_freq = te.config.rope_inv_freq(args)[0].to(device)
+    engine.inv_freq = te.model.args.rope_inv_freq(args)[0].to(device)
     engine.eval()
     if not with_baseline:
         del hf
@@ -238,7 +238,7 @@ def main(argv=None):
     t_eng, eng_times = time_it(lambda: run_engine(scorer, work), device, opt.repeats)
     eng_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     report = scorer.last_report
-    from themis_engine import packing
+    from themis_engine.packing import planner as packing
 
     if budget is None:  # what the scorer chose
         budget = scorer.auto_budget.tokens if scorer.auto_budget is not None else 16384
@@ -291,7 +291,7 @@ def main(argv=None):
 
 def time_fp8(engine, scorer, work, warm, bf16_scores, device, repeats, flops, unique, peak, t_bf16) -> dict:
     """Quantize the engine's block linears in place, then time it as the bf16 engine was timed."""
-    from themis_engine.quant import fp8_backend, quantize_model
+    from themis_engine.model.fp8 import fp8_backend, quantize_model
 
     gc.collect()
     report = quantize_model(engine)
@@ -521,7 +521,7 @@ def build_train_models(args: ModelArgs, device, dtype, micro_pairs: int, lm_coef
     rm.load_state_dict({k: sd[k] for k in rm.state_dict()}, assign=True)
     if args.tie_word_embeddings:  # one Parameter, as the loader ties it (not two on one storage)
         rm.lm_head.weight = rm.model.embed_tokens.weight
-    rm.inv_freq = te.config.rope_inv_freq(args)[0].to(device)
+    rm.inv_freq = te.model.args.rope_inv_freq(args)[0].to(device)
     rm.gradient_checkpointing = True
     objective = RewardObjective(rm, lm_coef=lm_coef, magnitude_coef=mu, magnitude="centering")
     objective.train()
@@ -537,7 +537,7 @@ def rel_diff(a: float, b: float) -> float:
 
 
 def main_train(opt):
-    from themis_engine.train_config import PRESETS
+    from themis_engine.train.config import PRESETS
 
     if opt.max_tokens_per_batch is None:
         sys.exit("--max-tokens-per-batch auto is for --mode score (training's budget is a number)")

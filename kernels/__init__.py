@@ -19,8 +19,8 @@ import warnings
 from functools import lru_cache
 from typing import Callable
 
-from . import reference
-from .reference import BTOutput, MAGNITUDE_FORMS
+from themis_engine.kernels import reference
+from themis_engine.kernels.reference import BTOutput, MAGNITUDE_FORMS
 
 # op name -> module (in this package) that defines a Triton-backed function of that name
 KERNEL_MODULES = {

@@ -128,7 +128,7 @@ class Recorder:
 
 # ------------------------------------------------------------------------------------ workloads
 def _model_dims(name: str):
-    from themis_engine.config import ModelArgs
+    from themis_engine.model.args import ModelArgs
 
     return ModelArgs.from_name(name)
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rmsnorm_kernel import _call, _persistent_programs
+from themis_engine.kernels.rmsnorm_kernel import _call, _persistent_programs
 
 __all__ = ["rope", "qk_norm_rope"]
 

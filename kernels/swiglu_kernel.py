@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rmsnorm_kernel import _call
+from themis_engine.kernels.rmsnorm_kernel import _call
 
 __all__ = ["swiglu"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from themis_engine.tiny import build_checkpoint, build_tokenizer
+from themis_engine.testing.tiny import build_checkpoint, build_tokenizer
 
 WORDS = (
     "def return for while if else int main print list sum value index buffer query user input "

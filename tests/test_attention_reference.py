@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from themis_engine.kernels import reference
-from themis_engine.packing import flatten_groups, plan
+from themis_engine.packing.planner import flatten_groups, plan
 
 
 def _random_stream(seed, groups=4, hq=4, hkv=2, d=16, dtype=torch.float64):

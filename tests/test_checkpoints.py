@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import themis_engine as te
-from themis_engine.loading import CheckpointError
+from themis_engine.model.hf_checkpoint import CheckpointError
 from helpers import conversation, hf_scores, make_checkpoint, random_text
 
 

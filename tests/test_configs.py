@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from themis_engine.configs import ConfigError, option, parse_args, section
+from themis_engine.config import ConfigError, option, parse_args, section
 
 
 @dataclass
@@ -76,8 +76,8 @@ def test_help_lists_every_field_with_its_text(capsys):
 
 
 def test_trainer_presets_carry_the_published_recipe():
-    from themis_engine.configs import apply
-    from themis_engine.train_config import PRESETS, TrainConfig
+    from themis_engine.config import apply
+    from themis_engine.train.config import PRESETS, TrainConfig
 
     pt = apply(TrainConfig(), PRESETS["themis-pt"])
     pm = apply(TrainConfig(), PRESETS["themis-pm"])

@@ -50,9 +50,9 @@ import pytest
 import torch
 
 from themis_engine import kernels
-from themis_engine.config import ModelArgs
-from themis_engine.model import RewardModel
-from themis_engine.packing import flatten_groups, plan
+from themis_engine.model.args import ModelArgs
+from themis_engine.model.decoder import RewardModel
+from themis_engine.packing.planner import flatten_groups, plan
 
 STEPS = 5
 LR = 1e-3

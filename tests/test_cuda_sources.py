@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from themis_engine import kernels
-from themis_engine.cuda_ext import add_rmsnorm_reference, score_head_reference
+from themis_engine.kernels.cuda_ext import add_rmsnorm_reference, score_head_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc" / "cuda"
@@ -37,7 +37,7 @@ def test_cuda_sources_have_no_torch_headers():
 
 
 def test_package_import_does_not_load_the_extension():
-    code = "import sys, themis_engine, themis_engine.quant, themis_engine.streaming; print('themis_engine.cuda_ext' in sys.modules)"
+    code = "import sys, themis_engine, themis_engine.model.fp8, themis_engine.model.offload; print('themis_engine.kernels.cuda_ext' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
@@ -82,7 +82,7 @@ def test_add_rmsnorm_reference_rounding_order(shape):
 # ------------------------------------------------------------------ the kernels (GPU)
 @pytest.fixture(scope="module")
 def ops():
-    from themis_engine import cuda_ext
+    from themis_engine.kernels import cuda_ext
 
     return cuda_ext.load()
 
@@ -176,7 +176,7 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     import os
     import time
 
-    from themis_engine import cuda_ext
+    from themis_engine.kernels import cuda_ext
 
     lock = tmp_path / "lock"
     lock.write_text("")

@@ -13,7 +13,7 @@ from themis_engine.integrations import prompt_runs
 from themis_engine.integrations.trl import reward_funcs
 from themis_engine.integrations.verl import compute_score as verl_compute_score
 from themis_engine.integrations.verl import make_compute_score
-from themis_engine.scorer import InputError
+from themis_engine.scoring.scorer import InputError
 from helpers import conversation, make_checkpoint, random_text
 
 CRITERIA = list(te.DEFAULT_CRITERIA)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import themis_engine as te
-from themis_engine import memory, packing
+from themis_engine.scoring import budget as memory
+from themis_engine.packing import planner as packing
 from helpers import make_checkpoint
 
 

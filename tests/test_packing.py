@@ -5,13 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from themis_engine.packing import (
-    PackingError,
-    first_fit_decreasing,
-    flatten_groups,
-    plan,
-    shared_prefix_len,
-)
+from themis_engine.packing.planner import PackingError, first_fit_decreasing, flatten_groups, plan, shared_prefix_len
 
 
 def test_shared_prefix_is_capped_and_zero_for_single():

@@ -11,8 +11,8 @@ import logging
 import numpy as np
 import pytest
 
-from themis_engine import packing
-from themis_engine.packing import PackedBatch, PackingError, flatten_groups, plan_python
+from themis_engine.packing import planner as packing
+from themis_engine.packing.planner import PackedBatch, PackingError, flatten_groups, plan_python
 
 try:
     from themis_engine import _planner

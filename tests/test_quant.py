@@ -1,4 +1,4 @@
-"""FP8 weights (themis_engine.quant): round-trip error bound, the modules swapped, the CPU
+"""FP8 weights (themis_engine.model.fp8): round-trip error bound, the modules swapped, the CPU
 (dequantize) path, and the scores of an FP8 model against the float32 model on a tiny checkpoint.
 GPU tests (marked) check the torch._scaled_mm path against the dequantized reference."""
 
@@ -12,11 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import themis_engine as te
-from themis_engine import packing
-from themis_engine.quant import (
-    FP8_TARGETS, FP8Linear, QuantReport, dequantize_weight, fp8_backend, quantize_model, quantize_rows,
-    quantize_weight, quantized_modules,
-)
+from themis_engine.packing import planner as packing
+from themis_engine.model.fp8 import FP8_TARGETS, FP8Linear, QuantReport, dequantize_weight, fp8_backend, quantize_model, quantize_rows, quantize_weight, quantized_modules
 from helpers import make_checkpoint
 
 E4M3 = torch.float8_e4m3fn
@@ -81,7 +78,7 @@ def test_quantize_rows_matches_weight_quantizer():
     xq, sx = quantize_rows(x)
     wq, sw = quantize_weight(x)
     assert torch.equal(xq.view(torch.uint8), wq.view(torch.uint8)) and torch.equal(sx[:, 0], sw)
-    import themis_engine.quant as quant
+    import themis_engine.model.fp8 as quant
 
     old = quant._ROW_CHUNK_ELEMS
     quant._ROW_CHUNK_ELEMS = 100  # several chunks
@@ -117,7 +114,7 @@ def _emulated_scaled_mm(a, b, scale_a, scale_b, bias=None, scale_result=None, ou
 def test_scaled_mm_path_plumbing_on_cpu(root, monkeypatch):
     """The FP8 tensor-core path's host code (shapes, transposes, scales, bias, the shared-input
     cache), run on the CPU with torch._scaled_mm emulated by its documented math."""
-    import themis_engine.quant as quant
+    import themis_engine.model.fp8 as quant
 
     calls = []
 
@@ -257,7 +254,7 @@ def test_loading_quantizes_block_by_block(root, tmp_path, monkeypatch):
     """quantize="fp8" at load time: a block is quantized as soon as its tensors are in, so at most two
     blocks (one split across two shards) ever hold linear weights in the compute dtype; the result is
     the same as quantizing after loading."""
-    from themis_engine import quant
+    from themis_engine.model import fp8 as quant
 
     src = te.RewardModel.from_pretrained(_tiny(root, "blocks", num_layers=4), dtype=torch.float32, keep_lm_head=False)
     sharded = tmp_path / "sharded"
@@ -314,7 +311,7 @@ def test_gpu_scaled_mm_matches_dequantized(M, K, N, bias):
     rel = (y.float() - ref).norm() / ref.norm()
     assert rel < 0.05, rel  # the same math emulated on the CPU: 0.027-0.031 for these shapes
     # the activation quantizer used on the GPU (compiled) agrees with the eager one
-    from themis_engine.quant import _quantize_rows_fast
+    from themis_engine.model.fp8 import _quantize_rows_fast
 
     xq, sx = _quantize_rows_fast(x)
     xq_e, sx_e = quantize_rows(x)
@@ -340,7 +337,7 @@ def test_gpu_fp8_model_close_to_bf16(root):
 
 def test_saving_a_quantized_model_is_refused(tmp_path):
     import themis_engine as te
-    from themis_engine.quant import quantize_model
+    from themis_engine.model.fp8 import quantize_model
     from helpers import make_checkpoint
 
     ckpt = make_checkpoint(tmp_path, "q", family="qwen3")

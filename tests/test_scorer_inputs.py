@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import themis_engine as te
-from themis_engine import templating
-from themis_engine.scorer import InputError
+from themis_engine import chat as templating
+from themis_engine.scoring.scorer import InputError
 from helpers import conversation, make_checkpoint
 
 

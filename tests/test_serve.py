@@ -24,8 +24,8 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
 import themis_engine as te  # noqa: E402
-from themis_engine.configs import parse_args  # noqa: E402
-from themis_engine.serve import RewardServer, RewardService, ServeConfig, main  # noqa: E402
+from themis_engine.config import parse_args  # noqa: E402
+from themis_engine.serve.app import RewardServer, RewardService, ServeConfig, main  # noqa: E402
 from helpers import conversation, make_checkpoint, random_text  # noqa: E402
 
 CRITERIA = list(te.DEFAULT_CRITERIA)

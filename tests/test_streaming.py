@@ -1,4 +1,4 @@
-"""Layer streaming (themis_engine.streaming): scores identical to the resident model, at most two
+"""Layer streaming (themis_engine.model.offload): scores identical to the resident model, at most two
 blocks' weights in device buffers, the copy/compute order of double buffering, the Scorer option,
 and the large-model benchmark's CPU smoke mode. GPU tests (marked) run the same on CUDA with the
 side stream and events."""
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import themis_engine as te
-from themis_engine import packing
-from themis_engine.quant import quantize_model
-from themis_engine.streaming import BlockBuffer, StreamedRewardModel, stream_layers
+from themis_engine.packing import planner as packing
+from themis_engine.model.fp8 import quantize_model
+from themis_engine.model.offload import BlockBuffer, StreamedRewardModel, stream_layers
 from helpers import conversation, make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

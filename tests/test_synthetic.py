@@ -9,10 +9,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from themis_engine import data as D
-from themis_engine import synthetic as S
-from themis_engine.config import DEFAULT_CRITERIA
-from themis_engine.tables import write_jsonl
+from themis_engine.data import pairs as D
+from themis_engine.data import synthetic as S
+from themis_engine.model.args import DEFAULT_CRITERIA
+from themis_engine.data.tables import write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_answers_are_short_with_the_demo_tokenizer(pairs, tmp_path):
                       + [len(t.rejected_ids) - t.rejected_response_start for t in out])
     assert 30 <= np.median(answer) <= 120 and answer.max() < 260 and answer.min() >= 10
     # the criteria prompts are in the tokenizer's corpus, so they stay compact
-    from themis_engine.criteria import ALL_CRITERIA_PROMPT
+    from themis_engine.data.prompts import ALL_CRITERIA_PROMPT
 
     assert len(tok(ALL_CRITERIA_PROMPT)["input_ids"]) < 60
 

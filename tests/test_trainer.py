@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import themis_engine as te
-from themis_engine.configs import apply
-from themis_engine.train_config import PRESETS, TrainConfig
-from themis_engine.trainer import Trainer, TrainingError
+from themis_engine.config import apply
+from themis_engine.train.config import PRESETS, TrainConfig
+from themis_engine.train.trainer import Trainer, TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,7 +132,7 @@ def test_bad_data_errors_name_the_problem(tmp_path):
 
 
 def _tokenizer_dir(tmp_path):
-    from themis_engine.tiny import build_tokenizer
+    from themis_engine.testing.tiny import build_tokenizer
 
     path = tmp_path / "tok"
     build_tokenizer(path)
@@ -248,7 +248,7 @@ def test_bf16_fsdp_keeps_rope_frequencies_float32(tmp_path, monkeypatch):
     """The CUDA recipe (FSDP2, bf16 compute, activation checkpointing) on one CPU rank: each block must
     get the rotary inv_freq in float32 (a bf16 copy turns the angle at position 4000 off by radians),
     while its weights and the residual stream are bf16."""
-    from themis_engine.model import MLP, Attention
+    from themis_engine.model.decoder import MLP, Attention
 
     monkeypatch.setattr(Trainer, "mixed", property(lambda self: True, lambda self, value: None), raising=False)
     seen, weights = [], []

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from themis_engine import batching
-from themis_engine.config import ModelArgs
-from themis_engine.model import RewardModel, SegmentMeta
-from themis_engine.objective import RewardObjective
+from themis_engine.train import microbatch as batching
+from themis_engine.model.args import ModelArgs
+from themis_engine.model.decoder import RewardModel, SegmentMeta
+from themis_engine.train.objective import RewardObjective
 
 H = 3
 

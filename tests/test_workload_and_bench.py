@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from themis_engine.packing import shared_prefix_len
-from themis_engine.workload import crb_like_pairs
+from themis_engine.packing.planner import shared_prefix_len
+from themis_engine.data.workload import crb_like_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,11 +14,14 @@ if _ilu.find_spec(__name__ + ".kernels") is None:
     # so let this package find it at the tree's root too.
     __path__.append(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 
-from .config import DEFAULT_CRITERIA, ModelArgs
-from .loading import CheckpointError
-from .model import RewardModel, SegmentMeta
-from .packing import PackedBatch, PackingError
-from .scorer import InputError, ScoreReport, Scorer
+from themis_engine import _compat
+from themis_engine.model.args import DEFAULT_CRITERIA, ModelArgs
+from themis_engine.model.hf_checkpoint import CheckpointError
+from themis_engine.model.decoder import RewardModel, SegmentMeta
+from themis_engine.packing.planner import PackedBatch, PackingError
+from themis_engine.scoring.scorer import InputError, ScoreReport, Scorer
+
+_compat.install()
 
 __version__ = "0.1.0"
 

@@ -1,228 +1,295 @@
-"""Model shapes: one generic decoder, a small table of per-family settings, a table of named shapes.
+"""One config system for train, eval and bench: typed dataclasses, YAML files, command-line overrides.
 
-`ModelArgs.from_hf_config(dict)` reads a Hugging Face `config.json`; `ModelArgs.from_name("qwen3-8b")`
-gives a built-in shape (for benchmarks: no download).
+A config is a dataclass whose fields are plain values or nested dataclasses (sections). Each field
+carries its help text (`option(default, "help")`), which `--help` prints. From the command line:
+
+    --config FILE.yaml          a YAML (or JSON) mapping, sections as nested mappings
+    --preset NAME               a built-in mapping (applied before --config and the overrides)
+    --section.key=value         override one field (also `--section.key value`); a top-level field
+    --key=value / --some-flag   is `--key`, with dashes or underscores; a bool flag alone means true
+
+Values are converted to the field's type (int, float, bool, str, Optional[...], list/tuple of
+those, Literal[...] choices); an unknown key, a bad value or a choice not allowed is an error that
+names the key.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
-from typing import Any
-
-import torch
-
-# The five criteria of the Themis work, spelled as CodeRewardBench spells its aspects.
-DEFAULT_CRITERIA = (
-    "Functional_Correctness",
-    "Runtime_Efficiency",
-    "Memory_Efficiency",
-    "Readability_Maintainability",
-    "Security_Hardness",
-)
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Sequence, get_args, get_origin
 
 
-@dataclass(frozen=True)
-class Family:
-    """What differs between the supported decoder families."""
-
-    name: str  # the HF model_type
-    hf_prefix: str  # class-name prefix: Qwen3ForSequenceClassification, ...
-    qk_norm: bool  # per-head RMSNorm on q and k before RoPE (Qwen3)
-    qkv_bias: bool  # bias on q/k/v projections (Qwen2); Llama reads `attention_bias` instead
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config; the message names the key."""
 
 
-FAMILIES = {
-    "qwen3": Family("qwen3", "Qwen3", qk_norm=True, qkv_bias=False),
-    "qwen2": Family("qwen2", "Qwen2", qk_norm=False, qkv_bias=True),
-    "llama": Family("llama", "Llama", qk_norm=False, qkv_bias=False),
-}
-HEAD_KINDS = ("ForSequenceClassification", "ForCausalLM")
-SUPPORTED_ARCHITECTURES = tuple(f.hf_prefix + kind for f in FAMILIES.values() for kind in HEAD_KINDS)
-ROPE_TYPES = ("default", "linear", "llama3")
+def option(default: Any = dataclasses.MISSING, help: str = "", *, positional: bool = False, factory=None):
+    """A config field with its help text. positional=True: given without a flag (e.g. eval's MODEL)."""
+    meta = {"help": help, "positional": positional}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
-@dataclass
-class ModelArgs:
-    family: str = "qwen3"
-    vocab_size: int = 151936
-    hidden_size: int = 1024
-    intermediate_size: int = 3072
-    num_layers: int = 28
-    num_heads: int = 16
-    num_kv_heads: int = 8
-    head_dim: int = 128
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 1_000_000.0
-    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": ..., ...} or None
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v (and o, for Llama) projection biases
-    o_bias: bool = False
-    mlp_bias: bool = False
-    criteria: tuple[str, ...] = ("reward",)  # one name per reward head
-    pad_token_id: int | None = None
-    hf_config: dict = field(default_factory=dict, repr=False)  # the source config.json, kept for export
-
-    @property
-    def num_criteria(self) -> int:
-        return len(self.criteria)
-
-    @property
-    def spec(self) -> Family:
-        return FAMILIES[self.family]
-
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> "ModelArgs":
-        key = name.lower()
-        if key not in NAMED_SHAPES:
-            raise ValueError(f"unknown model shape {name!r}; known: {', '.join(NAMED_SHAPES)}")
-        return replace(NAMED_SHAPES[key], **overrides)
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
-        model_type = cfg.get("model_type")
-        if model_type not in FAMILIES:
-            raise ValueError(
-                f"unsupported model_type {model_type!r}; supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        fam = FAMILIES[model_type]
-        hidden = int(cfg["hidden_size"])
-        heads = int(cfg["num_attention_heads"])
-        head_dim = cfg.get("head_dim") or hidden // heads
-        theta, scaling = _rope_settings(cfg)
-        attention_bias = fam.qkv_bias or bool(cfg.get("attention_bias", False))
-        pad = cfg.get("pad_token_id")
-        return cls(
-            family=model_type,
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=attention_bias,
-            # Llama's attention_bias covers o_proj too; Qwen2 has biases on q/k/v only
-            o_bias=model_type == "llama" and bool(cfg.get("attention_bias", False)),
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            criteria=criteria_from_config(cfg),
-            pad_token_id=int(pad) if isinstance(pad, int) else None,
-            hf_config=dict(cfg),
-        )
-
-    def to_hf_config(self, architecture: str = "ForSequenceClassification") -> dict[str, Any]:
-        """A config.json dict for transformers, keeping every field of the source config."""
-        cfg = dict(self.hf_config)
-        cfg.update(
-            model_type=self.family,
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            rms_norm_eps=self.rms_norm_eps,
-            tie_word_embeddings=self.tie_word_embeddings,
-            hidden_act=cfg.get("hidden_act", "silu"),
-        )
-        if self.family == "llama":
-            cfg["attention_bias"] = self.attention_bias
-            cfg["mlp_bias"] = self.mlp_bias
-        if "rope_parameters" in cfg or not ("rope_theta" in cfg or "rope_scaling" in cfg):
-            params = dict(self.rope_scaling or {"rope_type": "default"})
-            params["rope_theta"] = self.rope_theta
-            cfg["rope_parameters"] = params
-        cfg["architectures"] = [self.spec.hf_prefix + architecture]
-        if architecture == "ForSequenceClassification":
-            cfg["num_labels"] = self.num_criteria
-            cfg["id2label"] = {str(i): name for i, name in enumerate(self.criteria)}
-            cfg["label2id"] = {name: i for i, name in enumerate(self.criteria)}
-            cfg["problem_type"] = "regression"
-        if self.pad_token_id is not None:
-            cfg["pad_token_id"] = self.pad_token_id
-        return cfg
+def section(cls):
+    """A nested section field, default-constructed."""
+    return dataclasses.field(default_factory=cls, metadata={"help": (cls.__doc__ or "").strip().split("\n")[0]})
 
 
-def criteria_from_config(cfg: dict[str, Any]) -> tuple[str, ...]:
-    """Criteria names, one per head, from id2label (ordered by label id)."""
-    id2label = cfg.get("id2label")
-    if id2label:
-        items = sorted(((int(i), str(name)) for i, name in id2label.items()), key=lambda t: t[0])
-        return tuple(name for _, name in items)
-    n = int(cfg.get("num_labels", 1))
-    return tuple(f"LABEL_{i}" for i in range(n))
+# ------------------------------------------------------------------------------------------ types
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
-def _rope_settings(cfg: dict[str, Any]) -> tuple[float, dict | None]:
-    """(rope_theta, scaling dict or None) from a transformers 4.x (rope_theta + rope_scaling) or
-    5.x (rope_parameters) config."""
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and "full_attention" in params:  # per-layer-type form
-        params = params["full_attention"]
-    scaling = dict(params) if isinstance(params, dict) else dict(cfg.get("rope_scaling") or {})
-    theta = scaling.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
-    if rope_type == "default":
-        return float(theta), None
-    scaling["rope_type"] = rope_type
-    return float(theta), scaling
+def _is_section(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
-    """inv_freq [head_dim/2] float32 and the attention scaling, as transformers computes them."""
-    dim = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
-    scaling = args.rope_scaling
-    if scaling is None:
-        return inv_freq, 1.0
-    rope_type = scaling["rope_type"]
-    factor = float(scaling["factor"])
-    if rope_type == "linear":
-        return inv_freq / factor, 1.0
-    # llama3: low frequencies divided by `factor`, high ones kept, a smooth blend between
-    low_ff = float(scaling.get("low_freq_factor", 1.0))
-    high_ff = float(scaling.get("high_freq_factor", 4.0))
-    old_len = float(scaling["original_max_position_embeddings"])
-    low_wavelen, high_wavelen = old_len / low_ff, old_len / high_ff
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low_ff) / (high_ff - low_ff)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-    return torch.where(medium, smoothed, scaled), 1.0
+def convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value or a command-line string to type `tp`; ConfigError names `key`."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            if type(None) in get_args(tp):
+                return None
+        errors = []
+        for a in args:
+            try:
+                return convert(value, a, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot convert {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        for c in choices:
+            if value == c or (isinstance(value, str) and str(c) == value):
+                return c
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        (inner, *_) = get_args(tp) or (Any,)
+        if isinstance(value, str):
+            text = value.strip()
+            items = json.loads(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        out = [convert(v.strip() if isinstance(v, str) else v, inner, key) for v in items]
+        return tuple(out) if origin is tuple or tp is tuple else out
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = json.loads(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            if tp is int:
+                f = float(value)
+                if not f.is_integer():
+                    raise ValueError
+                return int(f)
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if isinstance(tp, type):
+        return tp(value)
+    return value
 
 
-def _qwen3(hidden, inter, layers, heads, kv, tie) -> ModelArgs:
-    return ModelArgs(
-        family="qwen3",
-        vocab_size=151936,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv,
-        head_dim=128,
-        rms_norm_eps=1e-6,
-        rope_theta=1_000_000.0,
-        tie_word_embeddings=tie,
-        criteria=DEFAULT_CRITERIA,
-        pad_token_id=151643,
-    )
+# ------------------------------------------------------------------------------------------ merge
+def apply(cfg: Any, mapping: dict, prefix: str = "") -> Any:
+    """Set fields of `cfg` (in place) from a nested mapping; unknown keys are errors."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(mapping).__name__}")
+    hints = _hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for raw_key, value in mapping.items():
+        name = str(raw_key).replace("-", "_")
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ConfigError(f"unknown config key {key!r}; known here: {', '.join(sorted(names))}")
+        tp = hints[name]
+        if _is_section(tp):
+            apply(getattr(cfg, name), value, prefix=key + ".")
+        else:
+            setattr(cfg, name, convert(value, tp, key))
+    return cfg
 
 
-# The Qwen3 dense family (shapes from the released configs).
-NAMED_SHAPES: dict[str, ModelArgs] = {
-    "qwen3-0.6b": _qwen3(1024, 3072, 28, 16, 8, True),
-    "qwen3-1.7b": _qwen3(2048, 6144, 28, 16, 8, True),
-    "qwen3-4b": _qwen3(2560, 9728, 36, 32, 8, True),
-    "qwen3-8b": _qwen3(4096, 12288, 36, 32, 8, False),
-    "qwen3-14b": _qwen3(5120, 17408, 40, 40, 8, False),
-    "qwen3-32b": _qwen3(5120, 25600, 64, 64, 8, False),
-}
+def set_path(cfg: Any, dotted: str, value: Any) -> None:
+    """Set one field by its dotted key (`optim.lr`), converting `value` to the field's type."""
+    parts = dotted.replace("-", "_").split(".")
+    mapping: dict = {}
+    cur = mapping
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    apply(cfg, mapping)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix == ".json":
+        return json.loads(text)
+    import yaml
+
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _walk(cls, prefix=""):
+    """(dotted key, field, type) of every leaf field of a config class."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            yield from _walk(tp, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f, tp
+
+
+def _type_name(tp) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "|".join(map(str, get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def help_text(cls, prog: str, description: str = "", presets: dict | None = None) -> str:
+    lines = [f"usage: {prog} [--config FILE.yaml] [--preset NAME] [--section.key=value ...]", ""]
+    if description:
+        lines += [description.strip(), ""]
+    if presets:
+        lines += ["presets: " + ", ".join(presets), ""]
+    default = cls()
+    for key, f, tp in _walk(cls):
+        value = default
+        for part in key.split("."):
+            value = getattr(value, part)
+        flag = key if f.metadata.get("positional") else "--" + key
+        lines.append(f"  {flag} ({_type_name(tp)}, default {value!r})")
+        if f.metadata.get("help"):
+            lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def parse_args(
+    cls,
+    argv: Sequence[str] | None = None,
+    prog: str = "themis_engine",
+    description: str = "",
+    presets: dict[str, dict] | None = None,
+):
+    """Build a `cls` config from presets, a config file and command-line overrides (in that order)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cls, prog, description, presets))
+        raise SystemExit(0)
+    leaves = {key: (f, tp) for key, f, tp in _walk(cls)}
+    positional = [key for key, (f, _) in leaves.items() if f.metadata.get("positional")]
+    cfg = cls()
+    overrides: list[tuple[str, Any]] = []
+    config_files, preset_names, given_positional = [], [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            given_positional.append(arg)
+            i += 1
+            continue
+        body = arg[2:]
+        key, eq, value = body.partition("=")
+        key_n = key.replace("-", "_")
+        if key_n in ("config", "preset"):
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"--{key} needs a value")
+                value, i = argv[i + 1], i + 1
+            (config_files if key_n == "config" else preset_names).append(value)
+            i += 1
+            continue
+        if key_n not in leaves:
+            close = [k for k in leaves if k.endswith("." + key_n) or k == key_n]
+            hint = f"; did you mean --{close[0]}?" if close else ""
+            raise ConfigError(f"unknown option --{key}{hint} (see --help)")
+        _, tp = leaves[key_n]
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if tp is bool and (nxt is None or nxt.startswith("--") or nxt.lower() not in
+                               ("true", "false", "1", "0", "yes", "no", "on", "off")):
+                value = "true"
+            elif nxt is None:
+                raise ConfigError(f"--{key} needs a value")
+            else:
+                value, i = nxt, i + 1
+        overrides.append((key_n, value))
+        i += 1
+    for name in preset_names:
+        if not presets or name not in presets:
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(presets or {})}")
+        apply(cfg, presets[name])
+    for path in config_files:
+        apply(cfg, load_file(path))
+    if len(given_positional) > len(positional):
+        raise ConfigError(f"unexpected argument(s): {' '.join(given_positional[len(positional):])}")
+    for key, value in zip(positional, given_positional):
+        set_path(cfg, key, value)
+    for key, value in overrides:
+        set_path(cfg, key, value)
+    return cfg
+
+
+# Before the domain packages, `themis_engine.config` held the model's shapes and families (now
+# themis_engine.model.args); those names still resolve here, lazily (no import of the model package).
+_MODEL_ARGS_NAMES = ("DEFAULT_CRITERIA", "FAMILIES", "Family", "HEAD_KINDS", "ModelArgs", "ROPE_TYPES",
+                     "NAMED_SHAPES", "SUPPORTED_ARCHITECTURES", "criteria_from_config", "rope_inv_freq")
+
+
+def __getattr__(name: str):
+    if name in _MODEL_ARGS_NAMES:
+        from themis_engine.model import args
+
+        return getattr(args, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

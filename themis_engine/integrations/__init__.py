@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from themis_engine.scorer import InputError, Scorer
+from themis_engine.scoring.scorer import InputError, Scorer
 
 __all__ = ["criterion_index", "prompt_runs", "score_prompt_runs"]
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from themis_engine.integrations import criterion_index, score_prompt_runs
-from themis_engine.scorer import InputError, Scorer
+from themis_engine.scoring.scorer import InputError, Scorer
 
 __all__ = ["reward_funcs", "BatchCache"]
 

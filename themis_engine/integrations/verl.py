@@ -28,7 +28,7 @@ import threading
 from typing import Any, Callable, Sequence
 
 from themis_engine.integrations import criterion_index, score_prompt_runs
-from themis_engine.scorer import InputError, Scorer
+from themis_engine.scoring.scorer import InputError, Scorer
 
 __all__ = ["make_compute_score", "compute_score"]
 

@@ -1,0 +1,483 @@
+"""The reward-model trainer: a few small methods around the objective.
+
+    Trainer(cfg).fit()
+
+`train_step` = plan the step's micro-batches -> `forward_backward` each -> clip -> AdamW step.
+Data preparation (data.py), checkpoints (checkpointing.py), metrics (metrics.py) and the held-out
+evaluation (`evaluate`) are separate pieces it calls. Under torchrun every rank reads a disjoint,
+deterministic share of every global batch; the model is FSDP2-sharded per block with fp32 master
+weights and, on CUDA, bf16 compute with fp32 gradient reduction.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from themis_engine import distributed
+from themis_engine.train import microbatch as batching
+from themis_engine.train import checkpoint as checkpointing
+from themis_engine.model import flops
+from themis_engine.model.args import ModelArgs
+from themis_engine.data.prompts import CriteriaPrompts
+from themis_engine.train.metrics import MetricsLogger
+from themis_engine.model.decoder import RewardModel
+from themis_engine.train.objective import RewardObjective
+from themis_engine.train.config import TrainConfig
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss or gradient, bad set-up); the message says where."""
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        want_cuda = (cfg.run.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+        self.mixed = want_cuda and cfg.model.dtype == "bfloat16"
+        self.dist = distributed.init(cfg.run.device, need_group=self.mixed)
+        self.device = self.dist.device
+        self.output = Path(cfg.run.output)
+        if self.dist.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.run.seed)
+        self.tokenizer = self._load_tokenizer()
+        self.criteria = self._head_names()  # one name per reward head
+        # the criteria the data's aspects are matched against (== the heads in criteria mode)
+        self.aspects = self.criteria if cfg.objective.heads == "criteria" else list(cfg.objective.criteria)
+        self.train_pairs, self.eval_pairs, self.data_report = self._prepare_data()
+        self.objective = self._build_model()
+        self.optimizer = self._build_optimizer()
+        G = cfg.run.global_batch_pairs
+        self.total_steps = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * len(self.train_pairs) / G))
+        self.step = 0
+        self._flops_per_token = 3 * flops.linear_flops_per_token(self.args)  # forward + backward
+        self._peak = flops.peak_tflops(self.device)
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def rm(self) -> RewardModel:
+        return self.objective.rm
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        m = self.cfg.model
+        if m.tokenizer or m.path:
+            return AutoTokenizer.from_pretrained(m.tokenizer or m.path, trust_remote_code=False)
+        if not self.cfg.data.synthetic_pairs:
+            raise TrainingError("model.path is empty (train from scratch) but no model.tokenizer is given and "
+                                "data.synthetic_pairs is 0: nothing to build a tokenizer from")
+        return None  # built from the synthetic data in _prepare_data
+
+    def _head_names(self) -> list[str]:
+        """Criteria mode: a classifier checkpoint's own id2label, else objective.criteria.
+        Scalar mode: one head ("reward", or the checkpoint's name for its single head)."""
+        cfg = self.cfg
+        names = None
+        if cfg.model.path:
+            from themis_engine.model.args import criteria_from_config
+            from themis_engine.model.hf_checkpoint import read_config
+
+            hf = read_config(cfg.model.path)
+            if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []) and hf.get("id2label"):
+                names = list(criteria_from_config(hf))
+        if cfg.objective.heads == "scalar":
+            if names is not None and len(names) != 1:
+                raise TrainingError(f"heads=scalar but {cfg.model.path} has {len(names)} heads ({names})")
+            return names or ["reward"]
+        return names or list(cfg.objective.criteria)
+
+    def _prepare_data(self):
+        from themis_engine.data import pairs as data_mod
+
+        cfg = self.cfg
+        if cfg.data.synthetic_pairs:
+            from themis_engine.data import synthetic
+
+            pairs = synthetic.make_demo_pairs(cfg.data.synthetic_pairs, seed=cfg.data.seed)
+            train, held = synthetic.split_pairs(pairs, cfg.data.eval_fraction, seed=cfg.data.seed)
+            report = {"rows": len(pairs), "kept": len(pairs), "skipped": 0}
+            if self.tokenizer is None:
+                tok_dir = self.output / "tokenizer"
+                if self.dist.is_main:
+                    synthetic.build_demo_tokenizer(train, tok_dir)
+                distributed.barrier()
+                from transformers import AutoTokenizer
+
+                self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        else:
+            if not cfg.data.train:
+                raise TrainingError("no training data: set data.train (files) or data.synthetic_pairs")
+            criteria = list(self.aspects)
+            train, rep = data_mod.load_pairs(cfg.data.train, cfg.data.schema, cfg.data.columns or None,
+                                             criteria, cfg.data.on_bad_row)
+            report = asdict(rep) if hasattr(rep, "__dataclass_fields__") else dict(rep)
+            if cfg.data.eval:
+                held, _ = data_mod.load_pairs(cfg.data.eval, cfg.data.schema, cfg.data.columns or None,
+                                              criteria, cfg.data.on_bad_row)
+            else:
+                train, held = _split(train, cfg.data.eval_fraction, cfg.data.seed)
+        prompts = (CriteriaPrompts.from_file(cfg.objective.criteria_prompts) if cfg.objective.criteria_prompts
+                   else CriteriaPrompts())
+        cache = cfg.data.cache_dir or str(self.output / "cache")
+        out = []
+        for split_no, pairs in enumerate((train, held)):
+            systems = data_mod.assign_system_prompts(
+                pairs, cfg.objective.heads, list(self.aspects), prompts,
+                tuple(cfg.objective.prompt_proportions), seed=cfg.run.seed + split_no,
+            )
+            # aspect_index indexes self.aspects; with one head every pair trains it (batching.pair_mask)
+            tokenized, stats = data_mod.tokenize_pairs(
+                pairs, self.tokenizer, cfg.data.max_length, systems, list(self.aspects), cache_dir=cache,
+            )
+            out.append(tokenized)
+            report[f"{'train' if split_no == 0 else 'eval'}_tokenization"] = stats
+        if not out[0]:
+            raise TrainingError("the training set is empty after filtering")
+        return out[0], out[1], report
+
+    def _model_args(self) -> ModelArgs:
+        m = self.cfg.model
+        return ModelArgs(
+            family=m.family, vocab_size=len(self.tokenizer), hidden_size=m.hidden_size,
+            intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
+            num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, rope_theta=1_000_000.0,
+            criteria=tuple(self.criteria), pad_token_id=self.tokenizer.pad_token_id,
+            hf_config={"bos_token_id": self.tokenizer.bos_token_id, "eos_token_id": self.tokenizer.eos_token_id,
+                       "max_position_embeddings": max(4096, self.cfg.data.max_length)},
+        )
+
+    def _build_model(self) -> RewardObjective:
+        cfg = self.cfg
+        with_lm = cfg.objective.lm_coef > 0
+        if cfg.model.path:
+            rm = RewardModel.from_pretrained(cfg.model.path, dtype=torch.float32, device="cpu",
+                                             criteria=self.criteria, keep_lm_head=with_lm)
+            if with_lm and rm.lm_head is None:
+                raise TrainingError(f"{cfg.model.path} is a sequence classifier with no LM head; set "
+                                    "objective.lm_coef=0 or start from a *ForCausalLM checkpoint")
+        else:
+            torch.manual_seed(cfg.run.seed)
+            rm = RewardModel(self._model_args(), with_lm_head=with_lm)
+            _init_from_scratch(rm)
+        self.args = rm.args
+        n_params = sum(p.numel() for p in rm.parameters())
+        ac = cfg.model.activation_checkpointing
+        rm.gradient_checkpointing = n_params > 1e9 if ac is None else ac
+        objective = RewardObjective(rm, cfg.objective.lm_coef, cfg.objective.magnitude_coef, cfg.objective.magnitude)
+        objective.to(self.device)
+        if cfg.model.compile:
+            for i, block in enumerate(rm.model.layers):
+                rm.model.layers[i] = torch.compile(block)
+        if distributed.active() or self.mixed:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            # cast_forward_inputs=False: the blocks' float inputs include the rotary inv_freq (and the
+            # root's, the BT margins), which must stay float32; the residual stream is already bf16
+            # because the embedding's weight is
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.mixed else torch.float32,
+                                      reduce_dtype=torch.float32, cast_forward_inputs=False)
+            for block in rm.model.layers:
+                fully_shard(block, mp_policy=mp)
+            fully_shard(objective, mp_policy=mp)
+        return objective
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        decay, no_decay = [], []
+        for name, p in self.objective.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or name.endswith("bias") or "norm" in name else decay).append(p)
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+
+    # ------------------------------------------------------------------ schedule and data order
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up to the peak, then cosine down to the terminal LR at the last step."""
+        o = self.cfg.optim
+        warm = max(1, math.ceil(o.warmup_fraction * self.total_steps)) if o.warmup_fraction > 0 else 0
+        if step < warm:
+            return o.lr * (step + 1) / warm
+        span = max(1, self.total_steps - warm - 1)
+        progress = min(1.0, (step - warm) / span)
+        return o.terminal_lr + (o.lr - o.terminal_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def global_batch(self, step: int) -> list[int]:
+        """The pair indices of global batch `step`: consecutive slices of a seeded permutation per epoch."""
+        n, G = len(self.train_pairs), self.cfg.run.global_batch_pairs
+        out = []
+        for pos in range(step * G, (step + 1) * G):
+            epoch, j = divmod(pos, n)
+            if epoch not in getattr(self, "_perms", {}):
+                self._perms = {epoch: np.random.default_rng([self.cfg.data.seed, epoch]).permutation(n)}
+            out.append(int(self._perms[epoch][j]))
+        return out
+
+    # ------------------------------------------------------------------ the step
+    def forward_backward(self, mb: batching.TrainMicroBatch, bt_norm: float, lm_norm: float, weight: float = 1.0):
+        """One micro-batch: forward, backward (scaled by `weight`; 0 for the padding micro-batches that
+        keep FSDP's collectives in step across ranks). Returns the detached pieces for metrics."""
+        inputs = mb.to_torch(self.device)
+        loss, bt, lm = self.objective(**inputs, bt_normalizer=bt_norm, lm_normalizer=lm_norm)
+        # FSDP averages gradients over ranks; the normalisers are global, so undo the average
+        (loss * (weight * self.dist.world)).backward()
+        return loss.detach() * weight, bt, (lm.detach() * weight if lm is not None else None)
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        ids = self.global_batch(self.step)
+        H = len(self.criteria)
+        with_lm = cfg.objective.lm_coef > 0
+        bt_norm, lm_norm = batching.global_counts(self.train_pairs, ids, H, with_lm)
+        mine = ids[self.dist.rank :: self.dist.world]
+        mbs = batching.build_micro_batches(self.train_pairs, mine, cfg.run.max_tokens_per_batch, H, with_lm)
+        n_mb = distributed.all_reduce_max_int(len(mbs), self.device)
+        lr = self.lr_at(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        sums = torch.zeros(4 + 3 * H, dtype=torch.float64, device=self.device)
+        tokens = 0
+        for k in range(n_mb):
+            last = k == n_mb - 1
+            if hasattr(self.objective, "set_requires_gradient_sync"):
+                self.objective.set_requires_gradient_sync(last)
+            real = k < len(mbs)
+            mb = mbs[k] if real else (mbs[0] if mbs else self._padding_batch())
+            loss, bt, lm = self.forward_backward(mb, bt_norm, lm_norm, 1.0 if real else 0.0)
+            if real:
+                tokens += mb.num_tokens
+                sums += _step_sums(loss, bt, lm, cfg.objective.magnitude_coef, H)
+        distributed.all_reduce_sum(sums)
+        grad_norm = self._clip()
+        loss_value = float(sums[0])
+        if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
+            raise TrainingError(
+                f"step {self.step + 1}: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} "
+                f"(loss {loss_value}, grad norm {grad_norm}); stopping with the last good checkpoint intact"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        tok = torch.tensor([float(tokens)], dtype=torch.float64, device=self.device)
+        total_tokens = float(distributed.all_reduce_sum(tok)[0])
+        dt = time.perf_counter() - t0
+        return self._step_metrics(sums, H, lr, grad_norm, total_tokens, len(ids), dt)
+
+    def _clip(self) -> float:
+        params = [p for p in self.objective.parameters() if p.grad is not None]
+        clip = self.cfg.optim.clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _padding_batch(self) -> batching.TrainMicroBatch:
+        """A rank with no pair this step still runs one forward/backward (weight 0) so that FSDP's
+        collectives match across ranks."""
+        H = len(self.criteria)
+        return batching.build_micro_batches(self.train_pairs, [0], self.cfg.run.max_tokens_per_batch, H,
+                                            self.cfg.objective.lm_coef > 0)[0]
+
+    def _step_metrics(self, sums, H, lr, grad_norm, tokens, pairs, dt) -> dict:
+        s = sums.tolist()
+        m = {"loss": s[0], "bt_loss": s[1], "magnitude_loss": s[2], "lm_loss": s[3], "lr": lr,
+             "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "pairs_per_s": pairs / dt, "step_s": dt}
+        count, correct, margin = s[4 : 4 + H], s[4 + H : 4 + 2 * H], s[4 + 2 * H : 4 + 3 * H]
+        total = sum(count)
+        m["accuracy"] = sum(correct) / total if total else float("nan")
+        for h, name in enumerate(self.criteria):
+            if count[h]:
+                m[f"accuracy/{name}"] = correct[h] / count[h]
+                m[f"margin/{name}"] = margin[h] / count[h]
+        if self._peak:
+            m["mfu"] = tokens * self._flops_per_token / dt / (self._peak * 1e12 * self.dist.world)
+        return m
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, pairs=None) -> dict:
+        """Held-out accuracy per criterion and language (the pair's own head in criteria mode), and the
+        reward mean / std of every head over the chosen and rejected responses."""
+        pairs = self.eval_pairs if pairs is None else pairs
+        H = len(self.criteria)
+        if not pairs:
+            return {}
+        mine = list(range(len(pairs)))[self.dist.rank :: self.dist.world]
+        mbs = batching.build_micro_batches(pairs, mine, self.cfg.run.max_tokens_per_batch, H, False)
+        n_mb = distributed.all_reduce_max_int(len(mbs), self.device)
+        langs = sorted({p.language or "unknown" for p in pairs})
+        # accuracy is reported per criterion: the head's own in criteria mode, the pair's aspect
+        # (read with the one head) in scalar mode
+        names = list(self.criteria) if H > 1 else list(self.aspects) + ["unlabelled"]
+        C, Lg = len(names), len(langs)
+        acc = torch.zeros(2 * C + 2 * Lg + 3 * H, dtype=torch.float64)  # host side: counts, sums
+        self.objective.eval()
+        for k in range(n_mb):
+            real = k < len(mbs)
+            mb = mbs[k] if real else (mbs[0] if mbs else batching.build_micro_batches(pairs, [0], 1 << 30, H, False)[0])
+            inputs = mb.to_torch(self.device)
+            inputs["mask"] = torch.ones_like(inputs["mask"])
+            _, bt, _ = self.objective(**inputs, bt_normalizer=1.0, lm_normalizer=1.0)
+            if not real:
+                continue
+            rc, rr = bt.reward_chosen.double().cpu(), bt.reward_rejected.double().cpu()
+            for row, i in enumerate(mb.pair_ids.tolist()):
+                p = pairs[i]
+                if H > 1:
+                    cells = [(h, h) for h in ([p.aspect_index] if p.aspect_index >= 0 else range(H))]
+                else:
+                    cells = [(0, p.aspect_index if p.aspect_index >= 0 else C - 1)]
+                li = 2 * C + 2 * langs.index(p.language or "unknown")
+                for h, c in cells:
+                    win = float(rc[row, h] > rr[row, h])
+                    acc[c] += 1
+                    acc[C + c] += win
+                    acc[li] += 1
+                    acc[li + 1] += win
+            base = 2 * C + 2 * Lg
+            both = torch.cat([rc, rr])
+            acc[base : base + H] += both.sum(0)
+            acc[base + H : base + 2 * H] += both.pow(2).sum(0)
+            acc[base + 2 * H : base + 3 * H] += both.shape[0]
+        self.objective.train()
+        acc = distributed.all_reduce_sum(acc.to(self.device)).cpu()
+        a = acc.tolist()
+        out = {}
+        total = sum(a[:C])
+        out["eval/accuracy"] = sum(a[C : 2 * C]) / total if total else float("nan")
+        for c, name in enumerate(names):
+            if a[c]:
+                out[f"eval/accuracy/{name}"] = a[C + c] / a[c]
+        for j, lang in enumerate(langs):
+            n = a[2 * C + 2 * j]
+            if n:
+                out[f"eval/accuracy_language/{lang}"] = a[2 * C + 2 * j + 1] / n
+        base = 2 * C + 2 * Lg
+        stats = {}
+        for h, name in enumerate(self.criteria):
+            n = a[base + 2 * H + h]
+            mean = a[base + h] / n
+            std = math.sqrt(max(0.0, a[base + H + h] / n - mean * mean))
+            stats[name] = {"mean": mean, "std": std}
+            out[f"eval/reward_mean/{name}"] = mean
+            out[f"eval/reward_std/{name}"] = std
+        self.reward_stats = stats
+        return out
+
+    # ------------------------------------------------------------------ state and export
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "total_steps": self.total_steps, "torch_rng": torch.get_rng_state().tolist(),
+                "config": _jsonable(asdict(self.cfg))}
+
+    def save_checkpoint(self) -> None:
+        checkpointing.save(self.output, self.step, self.objective, self.optimizer, self.trainer_state(),
+                           self.dist.is_main, self.cfg.run.keep_checkpoints)
+
+    def restore(self) -> bool:
+        path = checkpointing.latest(self.output)
+        if path is None:
+            return False
+        state = checkpointing.load(path, self.objective, self.optimizer)
+        self.step = int(state["step"])
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        return True
+
+    def export(self) -> Path:
+        """An HF *ForSequenceClassification folder (plus tokenizer files) under <output>/export."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        out = self.output / "export"
+        if self.dist.is_main:
+            with torch.device("meta"):
+                plain = RewardModel(self.args)
+            plain.load_state_dict({k[len("rm."):]: v for k, v in sd.items()
+                                   if k.startswith("rm.") and not k.startswith("rm.lm_head.")}, assign=True)
+            extra = {"themis_criteria": self.criteria, "themis_heads": self.cfg.objective.heads}
+            if getattr(self, "reward_stats", None):
+                extra["reward_stats"] = self.reward_stats
+            plain.save_pretrained(out, extra_config=extra)
+            self.tokenizer.save_pretrained(str(out))
+        distributed.barrier()
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        cfg = self.cfg
+        if cfg.run.resume and self.restore():
+            resumed = True
+        else:
+            resumed = False
+        log = MetricsLogger(self.output, self.dist.is_main, self.total_steps, cfg.run.progress, self.step)
+        if resumed:
+            log.message(f"resumed at step {self.step} of {self.total_steps}")
+        log.message(f"training {len(self.train_pairs)} pairs ({len(self.eval_pairs)} held out), "
+                    f"{self.total_steps} steps of {cfg.run.global_batch_pairs} pairs, criteria {self.criteria}")
+        self.objective.train()
+        history = []
+        try:
+            while self.step < self.total_steps:
+                metrics = self.train_step()
+                if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < self.total_steps:
+                    metrics.update(self.evaluate())
+                if self.step % max(1, cfg.run.log_every) == 0 or self.step == self.total_steps:
+                    log.log(self.step, metrics)
+                history.append(metrics)
+                if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
+                    self.save_checkpoint()
+            final = self.evaluate()
+            log.log(self.step, {"final": True, **final})
+            if not cfg.run.checkpoint_every or self.step % cfg.run.checkpoint_every:
+                self.save_checkpoint()
+            if cfg.run.export:
+                path = self.export()
+                log.message(f"exported the reward model to {path}")
+        finally:
+            log.close()
+        return {"history": history, "final": final}
+
+
+def _step_sums(loss, bt, lm, mu, H):
+    """[loss, bt, magnitude, lm, count_h..., correct_h..., margin_sum_h...] of one micro-batch."""
+    count = bt.count.double()
+    head = torch.stack([loss.double(), bt.bt_loss.double(), bt.magnitude_loss.double(),
+                        lm.double() if lm is not None else torch.zeros((), dtype=torch.float64, device=loss.device)])
+    correct = torch.nan_to_num(bt.accuracy.double()) * count
+    margin = torch.nan_to_num(bt.mean_margin.double()) * count
+    return torch.cat([head.to(count.device), count, correct, margin])
+
+
+def _split(pairs, fraction, seed):
+    n_eval = int(round(len(pairs) * fraction))
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    held = set(order[:n_eval].tolist())
+    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
+def _init_from_scratch(rm: RewardModel) -> None:
+    """Normal(0, 0.02) linears and embeddings, unit norms, and a zero reward head (the Themis recipe)."""
+    with torch.no_grad():
+        for name, p in rm.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name == "score.weight" or name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
