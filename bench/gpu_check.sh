@@ -62,8 +62,8 @@ step() {  # step NAME ESTIMATE LIMIT CMD...: skipped when less than ESTIMATE sec
   pack
 }
 
-KERNEL_FILES="tests/test_attention_kernel.py tests/test_block_kernels.py tests/test_bt_loss_kernel.py \
-tests/test_linear_ce_kernel.py tests/test_model_kernels.py tests/test_convergence.py"
+KERNEL_FILES="tests/kernels/test_attention_kernel.py tests/kernels/test_block_kernels.py tests/kernels/test_bt_loss_kernel.py \
+tests/kernels/test_linear_ce_kernel.py tests/model/test_model_kernels.py tests/kernels/test_convergence.py"
 run_tests() {
   local est=150 limit=220 t0=$SECONDS pids=() k=0 left
   left=$(remaining)
@@ -72,10 +72,10 @@ run_tests() {
   local ignore=""
   for f in $KERNEL_FILES; do ignore="$ignore --ignore=$f"; done
   local shards=(
-    "tests/test_attention_kernel.py"
-    "tests/test_block_kernels.py"
-    "tests/test_bt_loss_kernel.py"
-    "tests/test_linear_ce_kernel.py tests/test_model_kernels.py tests/test_convergence.py"
+    "tests/kernels/test_attention_kernel.py"
+    "tests/kernels/test_block_kernels.py"
+    "tests/kernels/test_bt_loss_kernel.py"
+    "tests/kernels/test_linear_ce_kernel.py tests/model/test_model_kernels.py tests/kernels/test_convergence.py"
     "tests/ -m gpu $ignore"
   )
   for shard in "${shards[@]}"; do

@@ -15,11 +15,19 @@ if _ilu.find_spec(__name__ + ".kernels") is None:
     __path__.append(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 
 from themis_engine import _compat
-from themis_engine.model.args import DEFAULT_CRITERIA, ModelArgs
-from themis_engine.model.hf_checkpoint import CheckpointError
-from themis_engine.model.decoder import RewardModel, SegmentMeta
-from themis_engine.packing.planner import PackedBatch, PackingError
-from themis_engine.scoring.scorer import InputError, ScoreReport, Scorer
+from themis_engine.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    EvalError,
+    InputError,
+    PackingError,
+    ThemisError,
+    TrainingError,
+)
+from themis_engine.model import DEFAULT_CRITERIA, ModelArgs, RewardModel
+from themis_engine.packing import PackedBatch, SegmentMeta
+from themis_engine.scoring import ScoreReport, Scorer
 
 _compat.install()
 
@@ -27,6 +35,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "EvalError",
+    "ThemisError",
+    "TrainingError",
     "DEFAULT_CRITERIA",
     "InputError",
     "ModelArgs",

@@ -22,10 +22,8 @@ import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Sequence, get_args, get_origin
+from themis_engine.errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the config; the message names the key."""
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, positional: bool = False, factory=None):

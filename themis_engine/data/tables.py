@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from themis_engine.fileio import atomic_write
+from themis_engine.errors import DataError
 
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the row and, where it applies, the column."""
 
 
 def _require_pyarrow(what: str):

@@ -25,13 +25,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from themis_engine.fileio import atomic_write
+from themis_engine.errors import ResumeError
 
 FORMAT = 1
 PARTIAL_DIR = "partial"
 
-
-class ResumeError(RuntimeError):
-    """The partial files cannot be resumed from (damaged, or written by a different run)."""
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,10 @@ from typing import Sequence
 import numpy as np
 
 from themis_engine.fileio import atomic_write
+from themis_engine.errors import CompareError
 
 logger = logging.getLogger("themis_engine")
 
-
-class CompareError(ValueError):
-    """A --compare directory without results, or with a results.json not in the CRB format."""
 
 
 @dataclass

@@ -40,6 +40,7 @@ from themis_engine.eval import report as reporting
 from themis_engine.eval.partial import PartialStore, ResumeError, row_hash
 from themis_engine.eval.results import compile_results, write_results_json, write_scores_parquet
 from themis_engine.data.crb import Pair, load_pairs
+from themis_engine.errors import EvalError
 
 logger = logging.getLogger("themis_engine")
 
@@ -47,9 +48,6 @@ OUTPUT_FILES = ("results.json", "scores.parquet", "report.md", "report.png")
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "auto": None}
 
-
-class EvalError(ValueError):
-    """An evaluation that cannot run as asked; the message names the row or the option."""
 
 
 @dataclass

@@ -8,11 +8,14 @@ next to each other) as prompt groups, so that each prompt is computed once.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, TYPE_CHECKING
 
 import torch
 
-from themis_engine.scoring.scorer import InputError, Scorer
+from themis_engine.errors import InputError
+
+if TYPE_CHECKING:  # Scorer.as_trl_reward_funcs imports the TRL adapter, so the adapters import Scorer for typing only
+    from themis_engine.scoring.scorer import Scorer
 
 __all__ = ["criterion_index", "prompt_runs", "score_prompt_runs"]
 

@@ -25,10 +25,13 @@ verl imports such a file by path, so this module uses absolute imports only.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TYPE_CHECKING
 
 from themis_engine.integrations import criterion_index, score_prompt_runs
-from themis_engine.scoring.scorer import InputError, Scorer
+from themis_engine.errors import InputError
+
+if TYPE_CHECKING:  # the adapters take a Scorer; they import it for typing only (see integrations/__init__)
+    from themis_engine.scoring.scorer import Scorer
 
 __all__ = ["make_compute_score", "compute_score"]
 
@@ -124,6 +127,8 @@ def compute_score(
         fn = _LOADED.get(key)
         if fn is None:
             import torch
+
+            from themis_engine.scoring.scorer import Scorer
 
             torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
             scorer = Scorer.from_pretrained(

@@ -8,27 +8,12 @@ Every op goes through `themis_engine.kernels`, which picks Triton or the referen
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
 from themis_engine import kernels
 from themis_engine.model.args import ModelArgs, rope_inv_freq
-
-
-@dataclass
-class SegmentMeta:
-    """Segment metadata of a packed stream (all on the model's device).
-
-    cu_seqlens: int32 [S+1], segment start offsets; prefix_start, prefix_len: int32 [S], the prefix
-    range each segment also sees (prefix_len 0: none); max_seqlen: the longest segment.
-    """
-
-    cu_seqlens: torch.Tensor
-    prefix_start: torch.Tensor
-    prefix_len: torch.Tensor
-    max_seqlen: int
+from themis_engine.packing.batch import SegmentMeta
 
 
 class RMSNorm(nn.Module):
@@ -171,15 +156,3 @@ class RewardModel(nn.Module):
         Returns the rewards [N, H] in the model's dtype, one column per criterion."""
         h = self.hidden_states(input_ids, position_ids, meta)
         return self.score(self.model.norm(h[score_index]))
-
-    # Loading and saving live in loading.py; bound here so that users find them on the class.
-    @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "RewardModel":
-        from themis_engine.model.hf_checkpoint import load_reward_model
-
-        return load_reward_model(path, **kwargs)
-
-    def save_pretrained(self, out_dir, **kwargs) -> None:
-        from themis_engine.model.hf_checkpoint import save_reward_model
-
-        save_reward_model(self, out_dir, **kwargs)

@@ -18,14 +18,12 @@ from safetensors.torch import save_file
 from themis_engine.model.args import DEFAULT_CRITERIA, FAMILIES, HEAD_KINDS, SUPPORTED_ARCHITECTURES, ModelArgs, rope_inv_freq
 from themis_engine.fileio import atomic_write, write_json
 from themis_engine.model.decoder import RewardModel
+from themis_engine.errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Tensors some checkpoints carry that the engine recomputes or does not use.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message says what is wrong and with which tensors."""
 
 
 def read_config(path: str | os.PathLike) -> dict:

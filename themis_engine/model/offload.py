@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from themis_engine.model.decoder import RewardModel, SegmentMeta
+from themis_engine.model.decoder import RewardModel
+from themis_engine.packing.batch import SegmentMeta
 
 logger = logging.getLogger("themis_engine")
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 import logging
 import operator
 import os
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from themis_engine.errors import PackingError
+from themis_engine.packing.batch import PackedBatch
 
 try:
     from themis_engine import _planner
@@ -32,68 +33,6 @@ except ImportError:  # not built (no compiler, THEMIS_NO_EXT=1): the pure-Python
 
 _announced: set[str] = set()
 
-
-class PackingError(ValueError):
-    """A group that cannot be placed (over the token budget, or an empty sequence)."""
-
-
-@dataclass
-class PackedBatch:
-    """One micro-batch: a flat stream of T tokens in S segments, scoring N sequences.
-
-    input_ids, position_ids: int64 [T]; cu_seqlens: int32 [S+1]; prefix_start, prefix_len: int32 [S]
-    (a suffix's prefix rows in this stream; 0 length for prefixes and unshared sequences);
-    max_seqlen: the longest segment; score_index: int64 [N], the stream row of each scored
-    sequence's last token; seq_ids: int64 [N], which input sequence each score row is;
-    group_ids: int64 [G], the groups in this micro-batch, in stream order.
-    """
-
-    input_ids: np.ndarray
-    position_ids: np.ndarray
-    cu_seqlens: np.ndarray
-    prefix_start: np.ndarray
-    prefix_len: np.ndarray
-    max_seqlen: int
-    score_index: np.ndarray
-    seq_ids: np.ndarray
-    group_ids: np.ndarray
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def to_torch(self, device=None, with_seq_ids: bool = False) -> dict:
-        """The model's inputs as torch tensors on `device`: input_ids, position_ids, meta, score_index
-        (and seq_ids when asked). To a CUDA device the arrays go as two pinned host buffers (one
-        int64, one int32) and two asynchronous copies, so the host does not wait for the device."""
-        import torch
-
-        from themis_engine.model.decoder import SegmentMeta
-
-        wide = [self.input_ids, self.position_ids, self.score_index] + ([self.seq_ids] if with_seq_ids else [])
-        narrow = [self.cu_seqlens, self.prefix_start, self.prefix_len]
-        if device is not None and torch.device(device).type == "cuda":
-            wide, narrow = _to_device_in_one_copy(wide, torch.int64, device), _to_device_in_one_copy(
-                narrow, torch.int32, device)
-        else:
-            wide = [torch.from_numpy(a).to(device) for a in wide]
-            narrow = [torch.from_numpy(a).to(device) for a in narrow]
-        out = dict(input_ids=wide[0], position_ids=wide[1], meta=SegmentMeta(*narrow, self.max_seqlen),
-                   score_index=wide[2])
-        if with_seq_ids:
-            out["seq_ids"] = wide[3]
-        return out
-
-
-def _to_device_in_one_copy(arrays, dtype, device) -> list:
-    """numpy arrays -> views of one device tensor, filled by one non-blocking copy from pinned memory
-    to a CUDA device (the caching host allocator keeps the pinned buffer until the copy has run)."""
-    import torch
-
-    sizes = [int(a.shape[0]) for a in arrays]
-    host = torch.empty(sum(sizes), dtype=dtype, pin_memory=torch.device(device).type == "cuda")
-    np.concatenate([np.asarray(a) for a in arrays], out=host.numpy(), casting="same_kind")
-    return list(torch.split(host.to(device, non_blocking=True), sizes))
 
 
 def shared_prefix_len(seqs: Sequence[Sequence[int]]) -> int:

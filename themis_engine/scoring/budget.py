@@ -1,4 +1,8 @@
-"""Token budgets from device memory: how many packed tokens one scoring micro-batch may hold.
+"""Token budgets: how many packed tokens one scoring micro-batch may hold.
+
+The one default rule (`default_token_budget`), used by the Scorer, the server and the evaluator
+when no budget is given (off CUDA): DEFAULT_TOKENS_PER_BATCH, or the largest group when that is
+larger (a group is never split). A budget given explicitly is never raised.
 
 On a GPU the budget that fits beside the weights is measured, not guessed: one probe forward pass
 of `probe_tokens` tokens (segments of `probe_segment` tokens, random ids) gives the peak activation
@@ -24,12 +28,20 @@ import numpy as np
 import torch
 
 from themis_engine.packing import planner as packing
+from themis_engine.errors import MemoryBudgetError
 
 logger = logging.getLogger("themis_engine")
 
 GRANULE = 1024  # budgets are multiples of this
 DEFAULT_CAP = 131072  # beyond this, bigger micro-batches buy nothing (and int32 offsets stay far away)
 DEFAULT_FRACTION = 0.85  # of the memory left, the rest is slack for the allocator's fragmentation
+DEFAULT_TOKENS_PER_BATCH = 16384  # the default budget where none is given or measured
+
+
+def default_token_budget(largest_group: int = 0) -> int:
+    """The default micro-batch token budget: DEFAULT_TOKENS_PER_BATCH, or `largest_group` (the
+    unique tokens of the largest group to place; for a server, its max_length) when larger."""
+    return max(DEFAULT_TOKENS_PER_BATCH, int(largest_group))
 
 
 @dataclass(frozen=True)
@@ -38,10 +50,6 @@ class TokenBudget:
     bytes_per_token: float  # measured peak activation bytes per packed token
     available_bytes: int  # memory the process could still take when measured
     probe_tokens: int  # size of the probe micro-batch
-
-
-class MemoryBudgetError(RuntimeError):
-    """Not even the smallest budget fits in the memory left."""
 
 
 def budget_from(bytes_per_token: float, available_bytes: int, *, fraction: float = DEFAULT_FRACTION,

@@ -15,9 +15,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from themis_engine.packing import planner as packing
 from themis_engine import chat as templating
+from themis_engine import packing
 from themis_engine.model.decoder import RewardModel
+from themis_engine.scoring import budget
+from themis_engine.errors import InputError
 
 logger = logging.getLogger("themis_engine")
 
@@ -25,9 +27,6 @@ Message = dict[str, str]
 Conversation = list[Message]
 OVERFLOW_POLICIES = ("truncate", "skip", "error")
 
-
-class InputError(ValueError):
-    """Bad input to the scorer; the message names the item."""
 
 
 @dataclass
@@ -47,10 +46,10 @@ class Scorer:
 
     max_length: the longest standalone sequence (prompt + response, templated) in tokens.
     max_tokens_per_batch: the token budget of one micro-batch. Default: on a CUDA device, measured
-    from free memory on the first call (memory.auto_token_budget: the largest budget that fits
-    beside the weights); elsewhere 16384. A default budget is raised to the largest group of a call
-    when that is larger (with a warning on CUDA); a budget given explicitly is never raised and a
-    group over it is an error.
+    from free memory on the first call (budget.auto_token_budget: the largest budget that fits
+    beside the weights); elsewhere budget.default_token_budget. A default budget is raised to the
+    largest group of a call when that is larger (with a warning on CUDA); a budget given explicitly
+    is never raised and a group over it is an error.
     on_overflow: what to do with a sequence over max_length: "truncate" the response from the right
     keeping the template's closing tokens (default), "skip" it (NaN scores), or raise ("error").
     """
@@ -71,10 +70,9 @@ class Scorer:
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.max_tokens_per_batch = max_tokens_per_batch
-        self.auto_budget = None  # memory.TokenBudget once measured (CUDA, no budget given)
+        self.auto_budget = None  # budget.TokenBudget once measured (CUDA, no budget given)
         self.on_overflow = on_overflow
-        self.last_report = ScoreReport()
-        self._overflow_counts = [0, 0]  # [truncated, skipped] of the call in progress
+        self.last_report = ScoreReport()  # what the latest call did (also returned by return_report=True)
 
     @classmethod
     def from_pretrained(
@@ -115,9 +113,9 @@ class Scorer:
     # ---------------------------------------------------------------- public scoring methods
     def score(self, conversations: Sequence[Conversation]) -> torch.Tensor:
         """list of chat-message lists (each ending with an assistant turn) -> float32 [N, H]."""
-        self._overflow_counts = [0, 0]
-        ids = self._tokenize_many(list(conversations), [f"conversation {i}" for i in range(len(conversations))])
-        return self._score_groups([[x] for x in ids])[0]
+        counts = _OverflowCounts()
+        ids = self._tokenize_many(list(conversations), [f"conversation {i}" for i in range(len(conversations))], counts)
+        return self._score_groups([[x] for x in ids], counts)[0]
 
     def score_pairs(self, prompts, chosen, rejected, system=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Score (prompt, chosen) and (prompt, rejected); the prompt prefix is computed once per pair.
@@ -142,7 +140,7 @@ class Scorer:
         if len(completions) != len(prompts):
             raise InputError(f"score_groups: {len(prompts)} prompts but {len(completions)} completion lists")
         systems = _per_item(system, len(prompts), "system")
-        self._overflow_counts = [0, 0]
+        counts = _OverflowCounts()
         groups = []
         for i, (prompt, responses) in enumerate(zip(prompts, completions)):
             if isinstance(responses, str) or not len(responses):
@@ -150,21 +148,23 @@ class Scorer:
             base = _prompt_messages(prompt, systems[i], i)
             groups.append([(base + [{"role": "assistant", "content": r}], f"item {i}, completion {k}")
                            for k, r in enumerate(responses)])
-        flat = self._tokenize_many([c for g in groups for c, _ in g], [w for g in groups for _, w in g])
+        flat = self._tokenize_many([c for g in groups for c, _ in g], [w for g in groups for _, w in g], counts)
         sizes = [len(g) for g in groups]
         starts = np.cumsum([0] + sizes)
-        return self._score_groups([flat[a:b] for a, b in zip(starts[:-1], starts[1:])])[1]
+        return self._score_groups([flat[a:b] for a, b in zip(starts[:-1], starts[1:])], counts)[1]
 
-    def score_token_groups(self, prefix_ids, suffix_ids) -> list[torch.Tensor]:
+    def score_token_groups(self, prefix_ids, suffix_ids, return_report: bool = False):
         """Pre-tokenized groups: sequence (i, k) is prefix_ids[i] + suffix_ids[i][k]. -> list of [K_i, H].
 
         For trainers that already hold token ids (no chat template applied here). Over max_length,
-        "truncate" keeps the first max_length tokens of the sequence.
+        "truncate" keeps the first max_length tokens of the sequence. return_report=True: returns
+        (list of [K_i, H], ScoreReport of this call), for callers that share one Scorer between
+        threads (the server) and so cannot read `last_report` afterwards.
         """
         if len(prefix_ids) != len(suffix_ids):
             raise InputError(f"score_token_groups: {len(prefix_ids)} prefixes but {len(suffix_ids)} suffix lists")
         groups = []
-        self._overflow_counts = [0, 0]
+        counts = _OverflowCounts()
         for i, (p, sufs) in enumerate(zip(prefix_ids, suffix_ids)):
             if not len(sufs):
                 raise InputError(f"group {i}: no suffixes")
@@ -174,10 +174,11 @@ class Scorer:
                 if not seq:
                     raise InputError(f"group {i}, suffix {k}: empty sequence")
                 if len(seq) > self.max_length:
-                    seq = self._overflow(seq, None, f"group {i}, suffix {k}")
+                    seq = self._overflow(seq, None, f"group {i}, suffix {k}", counts)
                 group.append(seq)
             groups.append(group)
-        return self._score_groups(groups)[1]
+        _, per_group, report = self._score_groups(groups, counts)
+        return (per_group, report) if return_report else per_group
 
     def as_trl_reward_funcs(self, **kw) -> list:
         """One TRL reward function per criterion, named after it; one forward pass per batch serves
@@ -187,12 +188,19 @@ class Scorer:
         return reward_funcs(self, **kw)
 
     # ---------------------------------------------------------------- tokenization
-    def _tokenize(self, conv: Conversation, what: str) -> list[int] | None:
-        return self._tokenize_many([conv], [what])[0]
+    def tokenize(self, conversations: Sequence[Conversation], names: Sequence[str] | None = None) -> list[list[int] | None]:
+        """The token ids `score` computes for each conversation: rendered with the tokenizer's chat
+        template, encoded, and fitted to max_length per on_overflow (None: skipped; "error" raises).
+        names: how errors call each conversation (default "conversation i")."""
+        convs = list(conversations)
+        whats = list(names) if names is not None else [f"conversation {i}" for i in range(len(convs))]
+        if len(whats) != len(convs):
+            raise InputError(f"tokenize: {len(convs)} conversations but {len(whats)} names")
+        return self._tokenize_many(convs, whats, _OverflowCounts())
 
-    def _tokenize_many(self, convs: list[Conversation], whats: list[str]) -> list[list[int] | None]:
+    def _tokenize_many(self, convs: list[Conversation], whats: list[str], counts: "_OverflowCounts") -> list[list[int] | None]:
         """Template and encode conversations (one batched tokenizer call); over max_length per
-        on_overflow (None = skipped)."""
+        on_overflow (None = skipped), counted in `counts`."""
         for conv, what in zip(convs, whats):
             _check_conversation(conv, what)
         texts = [templating.render(self.tokenizer, conv) for conv in convs]
@@ -200,28 +208,28 @@ class Scorer:
         for conv, text, ids, what in zip(convs, texts, templating.encode_many(self.tokenizer, texts), whats):
             if not ids:
                 raise InputError(f"{what}: the chat template produced no tokens")
-            out.append(self._overflow(ids, (conv, text), what) if len(ids) > self.max_length else ids)
+            out.append(self._overflow(ids, (conv, text), what, counts) if len(ids) > self.max_length else ids)
         return out
 
-    def _overflow(self, ids: list[int], templated, what: str) -> list[int] | None:
+    def _overflow(self, ids: list[int], templated, what: str, counts: "_OverflowCounts") -> list[int] | None:
         if self.on_overflow == "error":
             raise InputError(f"{what}: {len(ids)} tokens, over max_length={self.max_length}")
         if self.on_overflow == "skip":
-            self._overflow_counts[1] += 1
+            counts.skipped += 1
             return None
         if templated is None:  # pre-tokenized: no template to keep
             cut = templating.fit_to_length(ids, 0, [], self.max_length, what, InputError)
         else:
             conv, text = templated
             cut = templating.truncate(self.tokenizer, conv, text, ids, self.max_length, what, InputError)
-        self._overflow_counts[0] += 1
+        counts.truncated += 1
         return cut
 
     # ---------------------------------------------------------------- the packed forward
-    def _score_groups(self, groups) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """groups: list of lists of token-id lists (None = skipped). -> (flat [num_seqs, H], per group).
-        The overflow counts are those the caller's tokenization gathered in self._overflow_counts."""
-        truncated, skipped = self._overflow_counts
+    def _score_groups(self, groups, counts: "_OverflowCounts") -> tuple[torch.Tensor, list[torch.Tensor], ScoreReport]:
+        """groups: list of lists of token-id lists (None = skipped). -> (flat [num_seqs, H], per group,
+        the call's report). `counts`: what the caller's tokenization truncated and skipped."""
+        truncated, skipped = counts.truncated, counts.skipped
         H = len(self.criteria)
         sizes = [len(g) for g in groups]
         flat = torch.full((sum(sizes), H), math.nan, dtype=torch.float32)
@@ -237,9 +245,9 @@ class Scorer:
         report = ScoreReport(sequences=row, truncated=truncated, skipped=skipped)
         if kept_groups:
             tokens, seq_offsets, group_offsets = packing.flatten_groups(kept_groups)
-            budget = self._budget(seq_offsets, group_offsets)
+            token_budget = self._budget(seq_offsets, group_offsets)
             try:
-                batches = packing.plan(tokens, seq_offsets, group_offsets, budget)
+                batches = packing.plan(tokens, seq_offsets, group_offsets, token_budget)
             except packing.PackingError as err:  # name the caller's item, not the kept-group index
                 raise InputError(_rename_group(str(err), kept_groups, groups)) from None
             device = self.model.device
@@ -261,7 +269,7 @@ class Scorer:
                 "scored %d sequences: %d truncated to max_length=%d, %d skipped (NaN)",
                 row, truncated, self.max_length, skipped,
             )
-        return flat, list(torch.split(flat, sizes)) if sizes else []
+        return flat, (list(torch.split(flat, sizes)) if sizes else []), report
 
     def _budget(self, seq_offsets, group_offsets) -> int:
         if self.max_tokens_per_batch is not None:
@@ -269,16 +277,22 @@ class Scorer:
         lengths = np.diff(seq_offsets)
         largest = int(np.add.reduceat(lengths, group_offsets[:-1]).max())
         if self.model.device.type != "cuda":
-            return max(16384, largest)
+            return budget.default_token_budget(largest)
         if self.auto_budget is None:
-            from themis_engine.scoring.budget import auto_token_budget
-
-            self.auto_budget = auto_token_budget(self.model)
-        budget = self.auto_budget.tokens
-        if largest > budget:
+            self.auto_budget = budget.auto_token_budget(self.model)
+        measured = self.auto_budget.tokens
+        if largest > measured:
             logger.warning("a group of %d tokens is over the automatic token budget of %d (measured from free "
-                           "memory); it runs as one micro-batch and may not fit", largest, budget)
-        return max(budget, largest)
+                           "memory); it runs as one micro-batch and may not fit", largest, measured)
+        return max(measured, largest)
+
+
+@dataclass
+class _OverflowCounts:
+    """What one call's tokenization did to sequences over max_length."""
+
+    truncated: int = 0
+    skipped: int = 0
 
 
 def _rename_group(message: str, kept_groups, groups) -> str:

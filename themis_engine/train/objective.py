@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from themis_engine import kernels
-from themis_engine.model.decoder import RewardModel, SegmentMeta
+from themis_engine.model.decoder import RewardModel
+from themis_engine.packing.batch import SegmentMeta
 
 
 class RewardObjective(nn.Module):

@@ -29,10 +29,8 @@ from themis_engine.train.metrics import MetricsLogger
 from themis_engine.model.decoder import RewardModel
 from themis_engine.train.objective import RewardObjective
 from themis_engine.train.config import TrainConfig
+from themis_engine.errors import TrainingError
 
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss or gradient, bad set-up); the message says where."""
 
 
 class Trainer:

@@ -18,7 +18,7 @@ from themis_engine.model.fp8 import quantize_model
 from themis_engine.model.offload import BlockBuffer, StreamedRewardModel, stream_layers
 from helpers import conversation, make_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

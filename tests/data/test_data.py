@@ -295,8 +295,8 @@ def test_tokenize_equals_scorer_templating(tok):
     assert stats["kept"] == 5 and stats["truncated"] == 0 and stats["cache"] == "off"
     for t, p, s in zip(out, pairs, systems):
         conv_c, conv_r = D.conversations(p, s)
-        assert t.chosen_ids == scorer._tokenize(conv_c, "c")
-        assert t.rejected_ids == scorer._tokenize(conv_r, "r")
+        assert t.chosen_ids == scorer.tokenize([conv_c])[0]
+        assert t.rejected_ids == scorer.tokenize([conv_r])[0]
         # the answer starts at chosen_response_start: before it, the templated conversation up to
         # the last answer message's content; from it, that content and the closing tokens
         answer = conv_c[-1]["content"]
@@ -309,7 +309,7 @@ def test_tokenize_equals_scorer_templating(tok):
     assert [t.index for t in out] == list(range(5))
     # None: each pair's own system
     own, _ = D.tokenize_pairs(pairs[1:2], tok, 512, None, CRITERIA)
-    assert own[0].chosen_ids == scorer._tokenize(D.conversations(pairs[1], "Be strict.")[0], "c")
+    assert own[0].chosen_ids == scorer.tokenize([D.conversations(pairs[1], "Be strict.")[0]])[0]
 
 
 def test_truncation_keeps_closing_tokens_like_scorer(tok):
@@ -325,7 +325,7 @@ def test_truncation_keeps_closing_tokens_like_scorer(tok):
     assert len(t.chosen_ids) == 40 and len(t.rejected_ids) == 40
     assert t.chosen_ids[-len(closing):] == closing and t.rejected_ids[-len(closing):] == closing
     c, r = D.conversations(pairs[0])
-    assert t.chosen_ids == scorer._tokenize(c, "c") and t.rejected_ids == scorer._tokenize(r, "r")
+    assert t.chosen_ids == scorer.tokenize([c])[0] and t.rejected_ids == scorer.tokenize([r])[0]
     assert tok.decode(t.chosen_ids[t.chosen_response_start:]).startswith("word0 word1")
 
     skipped, stats = D.tokenize_pairs(pairs, tok, 40, None, CRITERIA, on_overflow="skip")

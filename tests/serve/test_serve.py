@@ -30,7 +30,7 @@ from helpers import conversation, make_checkpoint, random_text  # noqa: E402
 
 CRITERIA = list(te.DEFAULT_CRITERIA)
 TOL = dict(atol=1e-5, rtol=1e-5)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ def test_score_matches_transformers(root, family, num_labels, heads, kv_heads, e
     ours = scorer.score(convs)
     assert ours.dtype == torch.float32 and ours.shape == (9, num_labels)
     assert scorer.last_report.micro_batches > 1  # several sequences per micro-batch, several batches
-    ids = [scorer._tokenize(c, "") for c in convs]
+    ids = [scorer.tokenize([c])[0] for c in convs]
     ref = hf_scores(ckpt, ids)
     assert (ours - ref).abs().max().item() < 1e-4, (ours - ref).abs().max()
     assert ref.std() > 1e-2  # the scores are not trivially equal
@@ -115,7 +115,7 @@ def test_score_groups_equals_standalone(sharing_scorer, k):
 def test_score_token_groups_equals_score(sharing_scorer):
     rng = random.Random(11)
     convs = [conversation("same prompt here", random_text(rng, 1, 15)) for _ in range(4)]
-    ids = [sharing_scorer._tokenize(c, "") for c in convs]
+    ids = [sharing_scorer.tokenize([c])[0] for c in convs]
     prefix = ids[0][:5]
     out = sharing_scorer.score_token_groups([prefix], [[x[5:] for x in ids]])
     assert (out[0] - sharing_scorer.score(convs)).abs().max().item() < 1e-5

@@ -59,7 +59,7 @@ def test_overflow_truncate_keeps_closing_tokens_and_counts(scorer):
     ok = conversation("short prompt", "fine")
     out = s.score([long, ok])
     assert s.last_report.truncated == 1 and s.last_report.skipped == 0
-    ids = s._tokenize(long, "")
+    ids = s.tokenize([long])[0]
     assert len(ids) == 40
     closing = templating.encode_many(s.tokenizer, ["<|im_end|>\n"])[0]
     assert ids[-len(closing):] == closing

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from themis_engine import kernels
 from themis_engine.kernels.cuda_ext import add_rmsnorm_reference, score_head_reference
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc" / "cuda"
 
 

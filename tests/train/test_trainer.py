@@ -19,7 +19,7 @@ from themis_engine.config import apply
 from themis_engine.train.config import PRESETS, TrainConfig
 from themis_engine.train.trainer import Trainer, TrainingError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SMALL = {
     "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8,
@@ -109,7 +109,7 @@ def test_export_scores_the_same_in_transformers_and_the_scorer(tmp_path):
     convs = [[{"role": "user", "content": "Sum a list."}, {"role": "assistant", "content": c}]
              for c in ("def f(xs): return sum(xs)", "x = eval(input())")]
     ours = scorer.score(convs)
-    ids = [scorer._tokenize(c, "") for c in convs]
+    ids = [scorer.tokenize([c])[0] for c in convs]
     with torch.no_grad():
         theirs = torch.cat([hf(torch.tensor([x])).logits for x in ids])
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -41,7 +41,7 @@ def test_engine_export_loads_in_transformers(root):
     scorer = te.Scorer(rm, te.Scorer.from_pretrained(src).tokenizer)
     convs = _convs()
     ours = scorer.score(convs)
-    ids = [scorer._tokenize(c, "") for c in convs]
+    ids = [scorer.tokenize([c])[0] for c in convs]
     theirs = hf_scores(out, ids)
     assert (ours - theirs).abs().max().item() < 1e-5
     hf = AutoModelForSequenceClassification.from_pretrained(str(out))
@@ -87,7 +87,7 @@ def test_transformers_causal_to_engine_to_transformers(root):
     rm.save_pretrained(out)
     scorer = te.Scorer(rm, AutoTokenizer.from_pretrained(str(src)))
     convs = _convs(3, seed=4)
-    ids = [scorer._tokenize(c, "") for c in convs]
+    ids = [scorer.tokenize([c])[0] for c in convs]
     assert (scorer.score(convs) - hf_scores(out, ids)).abs().max() < 1e-5
 
 

@@ -10,7 +10,7 @@ import pytest
 from themis_engine.packing.planner import shared_prefix_len
 from themis_engine.data.workload import crb_like_pairs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_workload_is_seeded_and_within_max_length():

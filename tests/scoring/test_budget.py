@@ -12,7 +12,8 @@ import torch
 
 import themis_engine as te
 from themis_engine.scoring import budget as memory
-from themis_engine.packing import planner as packing
+from themis_engine import packing
+from themis_engine.packing import batch as packed_batch
 from helpers import make_checkpoint
 
 
@@ -110,8 +111,8 @@ def test_batch_to_torch_one_copy_per_dtype_keeps_every_field():
     assert t["meta"].max_seqlen == b.max_seqlen
     assert "seq_ids" not in b.to_torch("cpu")
     # the helper the CUDA path uses, run on the CPU: views of one buffer, values and dtypes kept
-    wide = packing._to_device_in_one_copy([b.input_ids, b.score_index], torch.int64, "cpu")
-    narrow = packing._to_device_in_one_copy([b.cu_seqlens, b.prefix_len], torch.int32, "cpu")
+    wide = packed_batch._to_device_in_one_copy([b.input_ids, b.score_index], torch.int64, "cpu")
+    narrow = packed_batch._to_device_in_one_copy([b.cu_seqlens, b.prefix_len], torch.int32, "cpu")
     assert wide[0].tolist() == b.input_ids.tolist() and wide[1].tolist() == b.score_index.tolist()
     assert narrow[0].dtype == torch.int32 and narrow[1].tolist() == b.prefix_len.tolist()
     assert wide[1].untyped_storage().data_ptr() == wide[0].untyped_storage().data_ptr()

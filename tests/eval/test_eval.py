@@ -26,7 +26,7 @@ from themis_engine.eval.partial import PartialStore, ResumeError  # noqa: E402
 from themis_engine.eval.results import compile_results  # noqa: E402
 from themis_engine.data.tables import DataError, write_parquet  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PUBLISHED = REPO.parent / "shared" / "data" / "crb-published-results"
 LANGUAGES = ["Python", "Cpp", "Java", "Go"]
 SUBSETS = ["RUNBUGRUN", "COMMITPREFS_SECURITY", "ECCO"]
