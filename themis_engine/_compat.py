@@ -24,7 +24,7 @@ OLD_PATHS = {
     "evaluation.partial": "eval.partial",
     "evaluation.report": "eval.report",
     "evaluation.results": "eval.results",
-    "evaluation.rows": "data.crb",
+    "evaluation.rows": "data.schemas",
     "flops": "model.flops",
     "loading": "model.hf_checkpoint",
     "memory": "scoring.budget",

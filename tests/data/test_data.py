@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from themis_engine.data import pairs as D
+from themis_engine import data as D
 from themis_engine.model.args import DEFAULT_CRITERIA
 from themis_engine.data.prompts import ALL_CRITERIA_PROMPT, CRITERION_PROMPTS, CriteriaPrompts
 from themis_engine.scoring.scorer import Scorer

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from themis_engine.data import pairs as D
+from themis_engine import data as D
 from themis_engine.data import synthetic as S
 from themis_engine.model.args import DEFAULT_CRITERIA
 from themis_engine.data.tables import write_jsonl

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from themis_engine.model.args import DEFAULT_CRITERIA
-from themis_engine.data.pairs import PreferencePair
+from themis_engine.data.schemas import PreferencePair
 
 CRITERIA = tuple(DEFAULT_CRITERIA)
 LANGUAGES = ("Python", "Cpp", "Java", "JavaScript", "Ruby", "Go", "C", "CSharp")

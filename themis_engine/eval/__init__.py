@@ -9,7 +9,7 @@ puts them together.
 
 from themis_engine.eval.partial import PartialStore, ResumeError
 from themis_engine.eval.results import compile_results, read_scores, write_results_json, write_scores_parquet
-from themis_engine.data.crb import CRB_COLUMNS, Pair, load_pairs
+from themis_engine.data.schemas import CRB_COLUMNS, CRBRow as Pair, load_crb_rows as load_pairs
 
 __all__ = [
     "CRB_COLUMNS",

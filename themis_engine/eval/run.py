@@ -39,7 +39,7 @@ from themis_engine.data.prompts import CriteriaPrompts
 from themis_engine.eval import report as reporting
 from themis_engine.eval.partial import PartialStore, ResumeError, row_hash
 from themis_engine.eval.results import compile_results, write_results_json, write_scores_parquet
-from themis_engine.data.crb import Pair, load_pairs
+from themis_engine.data.schemas import CRBRow as Pair, load_crb_rows as load_pairs
 from themis_engine.errors import EvalError
 
 logger = logging.getLogger("themis_engine")

@@ -92,7 +92,7 @@ class Trainer:
         return names or list(cfg.objective.criteria)
 
     def _prepare_data(self):
-        from themis_engine.data import pairs as data_mod
+        from themis_engine import data as data_mod
 
         cfg = self.cfg
         if cfg.data.synthetic_pairs:
