@@ -90,3 +90,36 @@ def test_trainer_presets_carry_the_published_recipe():
             clip, batch, length, epochs)
         assert cfg.optim.betas == [0.9, 0.95] and cfg.optim.eps == 1e-8 and cfg.optim.weight_decay == 0.1
         assert cfg.optim.warmup_fraction == 0.05 and cfg.model.dtype == "bfloat16"
+
+
+# ------------------------------------------------------------------------------------------ environment
+def test_every_environment_variable_read_is_in_the_one_table():
+    """Each THEMIS_* name in the sources is documented in config.ENVIRONMENT (and in the README)."""
+    import re
+    from pathlib import Path
+
+    from themis_engine.config import ENVIRONMENT
+
+    root = Path(__file__).resolve().parents[1]
+    names = set()
+    for folder in ("themis_engine", "kernels", "bench"):
+        for path in (root / folder).rglob("*.py"):
+            names |= set(re.findall(r"\bTHEMIS_[A-Z0-9_]+\b", path.read_text()))
+    names |= set(re.findall(r"\bTHEMIS_[A-Z0-9_]+\b", (root / "setup.py").read_text()))
+    assert names and names <= set(ENVIRONMENT), sorted(names - set(ENVIRONMENT))
+    readme = (root / "README.md").read_text()
+    assert all(f"`{name}`" in readme for name in ENVIRONMENT), [n for n in ENVIRONMENT if f"`{n}`" not in readme]
+
+
+def test_environ_checks_the_choices(monkeypatch):
+    import pytest
+
+    from themis_engine.config import ConfigError, environ
+
+    monkeypatch.setenv("THEMIS_PLANNER", " Python ")
+    assert environ("THEMIS_PLANNER") == "python"
+    monkeypatch.delenv("THEMIS_PLANNER")
+    assert environ("THEMIS_PLANNER") == ""
+    monkeypatch.setenv("THEMIS_PLANNER", "rust")
+    with pytest.raises(ConfigError, match="THEMIS_PLANNER='rust'"):
+        environ("THEMIS_PLANNER")

@@ -43,6 +43,17 @@ OLD_PATHS = {
 }
 _PREFIX = __name__.rsplit(".", 1)[0] + "."
 
+# `themis_engine.config` held ModelArgs and the family table before it became the config system
+_OLD_CONFIG_NAMES = ("DEFAULT_CRITERIA", "FAMILIES", "Family", "HEAD_KINDS", "ModelArgs", "NAMED_SHAPES", "ROPE_TYPES",
+                     "SUPPORTED_ARCHITECTURES", "criteria_from_config", "rope_inv_freq")
+
+
+def old_config_attribute(name: str):
+    """Module __getattr__ of themis_engine.config: the model-args names it used to hold."""
+    if name in _OLD_CONFIG_NAMES:
+        return getattr(importlib.import_module(_PREFIX + "model.args"), name)
+    raise AttributeError(f"module {_PREFIX}config has no attribute {name!r}")
+
 
 class _Alias(importlib.abc.Loader):
     def __init__(self, target: str):
@@ -63,9 +74,10 @@ class OldPathFinder(importlib.abc.MetaPathFinder):
         if not fullname.startswith(_PREFIX) or fullname[len(_PREFIX):] not in OLD_PATHS:
             return None
         new = _PREFIX + OLD_PATHS[fullname[len(_PREFIX):]]
-        return importlib.util.spec_from_loader(fullname, _Alias(new))
+        target_spec = importlib.util.find_spec(new)
+        return importlib.util.spec_from_loader(fullname, _Alias(new), origin=target_spec.origin if target_spec else None)
 
 
 def install() -> None:
     if not any(isinstance(f, OldPathFinder) for f in sys.meta_path):
-        sys.meta_path.append(OldPathFinder())
+        sys.meta_path.insert(0, OldPathFinder())  # before the path finder: a stale folder cannot shadow an alias

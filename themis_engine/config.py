@@ -1,4 +1,5 @@
-"""One config system for train, eval and bench: typed dataclasses, YAML files, command-line overrides.
+"""One config system for train, eval, serve and bench: typed dataclasses, YAML files, command-line
+overrides; and the table of the environment variables themis_engine reads (ENVIRONMENT).
 
 A config is a dataclass whose fields are plain values or nested dataclasses (sections). Each field
 carries its help text (`option(default, "help")`), which `--help` prints. From the command line:
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Sequence, get_args, get_origin
+
 from themis_engine.errors import ConfigError
 
 
@@ -279,15 +282,51 @@ def parse_args(
     return cfg
 
 
+
+# ------------------------------------------------------------------------------------------ environment
+@dataclasses.dataclass(frozen=True)
+class EnvironmentVariable:
+    """A process-wide switch read from the environment (not per run, so not a config field)."""
+
+    default: str
+    choices: tuple[str, ...] | None  # None: any value (a path)
+    help: str
+
+
+# Every environment variable themis_engine reads, with its default and meaning; each is read in one
+# place, through `environ` (THEMIS_NO_EXT is read by setup.py, at install time).
+ENVIRONMENT: dict[str, EnvironmentVariable] = {
+    "THEMIS_KERNELS": EnvironmentVariable(
+        "auto", ("auto", "triton", "reference", "cuda"),
+        "which implementation of each op runs (themis_engine.kernels.backend_for): auto = the Triton kernels on "
+        "CUDA tensors, the PyTorch references elsewhere; triton = the kernels everywhere (under TRITON_INTERPRET=1 "
+        "on a CPU); reference = the references everywhere; cuda = also the experimental CUDA extension ops"),
+    "THEMIS_PLANNER": EnvironmentVariable(
+        "", ("", "python"), "python: the pure-Python packing planner even where the C++ one (csrc/) is built"),
+    "THEMIS_FP8_COMPILE": EnvironmentVariable(
+        "1", ("0", "1"), "0: the FP8 activation quantizer runs eagerly instead of through torch.compile"),
+    "THEMIS_CUDA_BUILD_DIR": EnvironmentVariable(
+        "~/.cache/themis_engine/cuda_ext", None, "where the CUDA extension of csrc/cuda is built on first use"),
+    "THEMIS_NO_EXT": EnvironmentVariable(
+        "", ("", "0", "1", "true", "false", "yes", "no", "on", "off"),
+        "at install time: 1 builds without the C++ packing planner"),
+}
+
+
+def environ(name: str) -> str:
+    """The value of the environment variable `name` (one of ENVIRONMENT), stripped and lower-cased
+    where it has choices, or its default; a value outside its choices is a ConfigError naming both."""
+    var = ENVIRONMENT[name]
+    value = os.environ.get(name, var.default).strip()
+    if var.choices is None:
+        return value
+    value = value.lower()
+    if value not in var.choices:
+        shown = ", ".join(repr(c) if c == "" else c for c in var.choices)
+        raise ConfigError(f"environment variable {name}={value!r}: must be one of {shown}")
+    return value
+
+
 # Before the domain packages, `themis_engine.config` held the model's shapes and families (now
-# themis_engine.model.args); those names still resolve here, lazily (no import of the model package).
-_MODEL_ARGS_NAMES = ("DEFAULT_CRITERIA", "FAMILIES", "Family", "HEAD_KINDS", "ModelArgs", "ROPE_TYPES",
-                     "NAMED_SHAPES", "SUPPORTED_ARCHITECTURES", "criteria_from_config", "rope_inv_freq")
-
-
-def __getattr__(name: str):
-    if name in _MODEL_ARGS_NAMES:
-        from themis_engine.model import args
-
-        return getattr(args, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# themis_engine.model.args); those names still resolve here (see _compat.py).
+from themis_engine._compat import old_config_attribute as __getattr__  # noqa: E402

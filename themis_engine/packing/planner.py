@@ -23,6 +23,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from themis_engine.config import environ
 from themis_engine.errors import PackingError
 from themis_engine.packing.batch import PackedBatch
 
@@ -150,7 +151,7 @@ def plan(
 ) -> list[PackedBatch]:
     """Shared prefixes, first-fit-decreasing placement and the micro-batches, in bin order.
     The C++ planner where it is built (THEMIS_PLANNER=python forces plan_python); same output."""
-    use_cpp = _planner is not None and os.environ.get("THEMIS_PLANNER", "").strip().lower() != "python"
+    use_cpp = _planner is not None and environ("THEMIS_PLANNER") != "python"
     name = "C++ (themis_engine._planner)" if use_cpp else "pure Python"
     if name not in _announced:
         _announced.add(name)

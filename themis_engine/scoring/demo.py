@@ -8,14 +8,17 @@ on the same checkpoint. (The trainer's demo will replace this as the main job.)
 
 from __future__ import annotations
 
-import argparse
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 import themis_engine as te
+from themis_engine.config import ConfigError, option, parse_args
 from themis_engine.testing.tiny import build_checkpoint, build_tokenizer
 
 PAIRS = [
@@ -37,11 +40,22 @@ PAIRS = [
 ]
 
 
+@dataclass
+class DemoConfig:
+    """Score a few code-preference pairs."""
+
+    model: Optional[str] = option(None, "a local HF reward-model folder (default: a tiny random one, checked "
+                                  "against transformers)")
+    device: Optional[str] = option(None, "cpu, cuda, cuda:N (default: cuda where present)")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="a local HF reward-model folder (default: a tiny random one)")
-    p.add_argument("--device", default=None)
-    opt = p.parse_args(argv)
+    try:
+        opt = parse_args(DemoConfig, argv, prog="python -m themis_engine.scoring.demo",
+                         description=(__doc__ or "").split("\n\n")[0])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     with tempfile.TemporaryDirectory() as tmp:
         path = opt.model
