@@ -27,7 +27,7 @@ from themis_engine.errors import (
 )
 from themis_engine.model import DEFAULT_CRITERIA, ModelArgs, RewardModel
 from themis_engine.packing import PackedBatch, SegmentMeta
-from themis_engine.scoring import ScoreReport, Scorer
+from themis_engine.scoring import Scorer, ScoreReport
 
 _compat.install()
 

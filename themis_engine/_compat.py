@@ -75,7 +75,8 @@ class OldPathFinder(importlib.abc.MetaPathFinder):
             return None
         new = _PREFIX + OLD_PATHS[fullname[len(_PREFIX):]]
         target_spec = importlib.util.find_spec(new)
-        return importlib.util.spec_from_loader(fullname, _Alias(new), origin=target_spec.origin if target_spec else None)
+        origin = target_spec.origin if target_spec else None  # `python -m` reads it as argv[0]
+        return importlib.util.spec_from_loader(fullname, _Alias(new), origin=origin)
 
 
 def install() -> None:

@@ -28,7 +28,6 @@ from typing import Any, Literal, Sequence, get_args, get_origin
 from themis_engine.errors import ConfigError
 
 
-
 def option(default: Any = dataclasses.MISSING, help: str = "", *, positional: bool = False, factory=None):
     """A config field with its help text. positional=True: given without a flag (e.g. eval's MODEL)."""
     meta = {"help": help, "positional": positional}
@@ -329,4 +328,4 @@ def environ(name: str) -> str:
 
 # Before the domain packages, `themis_engine.config` held the model's shapes and families (now
 # themis_engine.model.args); those names still resolve here (see _compat.py).
-from themis_engine._compat import old_config_attribute as __getattr__  # noqa: E402
+from themis_engine._compat import old_config_attribute as __getattr__  # noqa: E402, F401

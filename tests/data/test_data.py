@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from themis_engine import data as D
-from themis_engine.model.args import DEFAULT_CRITERIA
 from themis_engine.data.prompts import ALL_CRITERIA_PROMPT, CRITERION_PROMPTS, CriteriaPrompts
-from themis_engine.scoring.scorer import Scorer
 from themis_engine.data.tables import DataError, write_jsonl, write_parquet
+from themis_engine.model.args import DEFAULT_CRITERIA
+from themis_engine.scoring.scorer import Scorer
 from themis_engine.testing.tiny import build_tokenizer
 
 CRITERIA = list(DEFAULT_CRITERIA)

@@ -11,8 +11,8 @@ import pytest
 
 from themis_engine import data as D
 from themis_engine.data import synthetic as S
-from themis_engine.model.args import DEFAULT_CRITERIA
 from themis_engine.data.tables import write_jsonl
+from themis_engine.model.args import DEFAULT_CRITERIA
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import conversation, make_checkpoint, random_text
 
 import themis_engine as te
 from themis_engine.integrations import prompt_runs
@@ -14,7 +15,6 @@ from themis_engine.integrations.trl import reward_funcs
 from themis_engine.integrations.verl import compute_score as verl_compute_score
 from themis_engine.integrations.verl import make_compute_score
 from themis_engine.scoring.scorer import InputError
-from helpers import conversation, make_checkpoint, random_text
 
 CRITERIA = list(te.DEFAULT_CRITERIA)
 TOL = dict(atol=1e-5, rtol=1e-5)  # float32 on the CPU; packed vs alone differ only by summation order

@@ -7,12 +7,12 @@ import random
 
 import pytest
 import torch
+from helpers import conversation, hf_scores, make_checkpoint, random_text
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import themis_engine as te
 from themis_engine.model.hf_checkpoint import CheckpointError
-from helpers import conversation, hf_scores, make_checkpoint, random_text
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,8 @@ def test_unsupported_architecture_lists_supported(root):
     cfg = json.loads((src / "config.json").read_text())
     cfg["architectures"] = ["MistralForSequenceClassification"]
     (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"MistralForSequenceClassification.*Qwen3ForSequenceClassification.*LlamaForCausalLM"):
+    expected = r"MistralForSequenceClassification.*Qwen3ForSequenceClassification.*LlamaForCausalLM"
+    with pytest.raises(CheckpointError, match=expected):
         te.RewardModel.from_pretrained(src)
 
 
@@ -184,4 +185,5 @@ def test_gpu_load_keeps_host_memory_to_about_one_shard(tmp_path, quantize):
                          capture_output=True, text=True, check=True).stdout.split()
     grew = int(out[0])
     assert out[1].startswith("cuda")
-    assert grew < 2 * shard + 64 * 2**20 < total, f"host peak grew {grew / 2**20:.0f} MiB for a {total / 2**20:.0f} MiB model"
+    assert grew < 2 * shard + 64 * 2**20 < total, (
+        f"host peak grew {grew / 2**20:.0f} MiB for a {total / 2**20:.0f} MiB model")

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import conversation, make_checkpoint
 
 import themis_engine as te
-from themis_engine.packing import planner as packing
 from themis_engine.model.fp8 import quantize_model
 from themis_engine.model.offload import BlockBuffer, StreamedRewardModel, stream_layers
-from helpers import conversation, make_checkpoint
+from themis_engine.packing import planner as packing
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,12 +9,12 @@ import types
 import numpy as np
 import pytest
 import torch
+from helpers import make_checkpoint
 
 import themis_engine as te
-from themis_engine.scoring import budget as memory
 from themis_engine import packing
 from themis_engine.packing import batch as packed_batch
-from helpers import make_checkpoint
+from themis_engine.scoring import budget as memory
 
 
 def test_budget_arithmetic():

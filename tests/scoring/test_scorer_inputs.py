@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from helpers import conversation, make_checkpoint
 
 import themis_engine as te
 from themis_engine import chat as templating
 from themis_engine.scoring.scorer import InputError
-from helpers import conversation, make_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import random
 
 import pytest
 import torch
+from helpers import conversation, hf_scores, make_checkpoint, random_text
 from transformers import AutoModelForSequenceClassification
 
 import themis_engine as te
-from helpers import conversation, hf_scores, make_checkpoint, random_text
 
 FAMILIES = [
     # (family, num_labels, num_heads, num_kv_heads, extra config)

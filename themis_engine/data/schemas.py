@@ -417,7 +417,7 @@ def pairs_to_rows(pairs: Iterable[PreferencePair], schema: str = "trl") -> list[
     return rows
 
 
-# ============================================================================================ CodeRewardBench rows (the evaluator)
+# ============================================================================ CodeRewardBench rows (the evaluator)
 CRB_COLUMNS = ("id", "prompt", "chosen", "rejected", "aspect", "language", "subset")
 TEXT_COLUMNS = CRB_COLUMNS[1:]
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from themis_engine.model.args import DEFAULT_CRITERIA
 from themis_engine.data.schemas import PreferencePair
+from themis_engine.model.args import DEFAULT_CRITERIA
 
 CRITERIA = tuple(DEFAULT_CRITERIA)
 LANGUAGES = ("Python", "Cpp", "Java", "JavaScript", "Ruby", "Go", "C", "CSharp")
@@ -713,7 +713,7 @@ def _rt_string_build(c: _Ctx):
         "Go": [f"var {out} strings.Builder"]
         + L.for_each(w, xs, "str", [f"{out}.WriteString({w})", f"{out}.WriteString({q})"]) + [L.ret(f"{out}.String()")],
         "Cpp": [f"std::string {out};"] + L.for_each(w, xs, "str", [f"{out} += {w};", f"{out} += {q};"]) + [L.ret(out)],
-        "C": [f"size_t pos = 0;"]
+        "C": ["size_t pos = 0;"]
         + L.for_each(w, xs, "str", [f"size_t len = strlen({w});", f"memcpy({out} + pos, {w}, len);",
                                     f"{out}[pos + len] = '{sep}';", "pos += len + 1;"])
         + [f"{out}[pos] = '\\0';"],
@@ -730,7 +730,6 @@ def _rt_string_build(c: _Ctx):
         + L.for_each(w, xs, "str", [f"strcat({out}, {w});", f"strcat({out}, \"{sep}\");"]),
     }[k]
     if k == "C":  # C writes into a caller's buffer
-        params, ret = [(xs, "strs"), (out, "char_buf")], "void"
         sig = f"void {name}(const char **{xs}, size_t {L.len(xs)}, char *{out})"
         head = L.doc(desc) if c.doc else []
         good, bad = head + L.block(sig, fast), head + L.block(sig, slow)
@@ -867,7 +866,9 @@ def _me_copy(c: _Ctx):
         "Go": [f"{cp} := make([]int, len({xs}))", f"copy({cp}, {xs})"], "Cpp": [f"std::vector<int> {cp} = {xs};"],
         "C": [f"int *{cp} = malloc({L.len(xs)} * sizeof(int));", f"memcpy({cp}, {xs}, {L.len(xs)} * sizeof(int));"],
     }[k]
-    body = lambda coll: [L.decl(acc, "int", "0")] + L.for_each(x, coll, "int", L.if_(f"{x} > {limit}", [L.inc(acc)]))
+    def body(coll):
+        return [L.decl(acc, "int", "0")] + L.for_each(x, coll, "int", L.if_(f"{x} > {limit}", [L.inc(acc)]))
+
     params = [(xs, "ints"), (limit, "int")]
     good = body(xs) + [L.ret(acc)]
     if k == "C":
@@ -1070,7 +1071,9 @@ def _sh_exec(c: _Ctx):
     desc = f"runs `{cmd} {' '.join(flags + ['<' + argname + '>'])}` where `{arg}` comes from a web form"
     words = [cmd] + flags
     shell = " ".join(words) + " "
-    qa = lambda ws: ", ".join(f'"{w}"' for w in ws)
+    def qa(ws):
+        return ", ".join(f'"{w}"' for w in ws)
+
     if k == "Python":
         good = [f"subprocess.run([{qa(words)}, {arg}], check=True)"]
         bad = [c.pick([f'os.system("{shell}" + {arg})', f'subprocess.run("{shell}" + {arg}, shell=True)',

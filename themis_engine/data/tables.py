@@ -11,9 +11,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from themis_engine.fileio import atomic_write
 from themis_engine.errors import DataError
-
+from themis_engine.fileio import atomic_write
 
 
 def _require_pyarrow(what: str):

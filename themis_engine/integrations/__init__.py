@@ -8,7 +8,7 @@ next to each other) as prompt groups, so that each prompt is computed once.
 
 from __future__ import annotations
 
-from typing import Any, Sequence, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 

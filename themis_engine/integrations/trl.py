@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Sequence, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from themis_engine.integrations import criterion_index, score_prompt_runs
 from themis_engine.errors import InputError
+from themis_engine.integrations import criterion_index, score_prompt_runs
 
 if TYPE_CHECKING:  # the scorer imports this adapter (Scorer.as_trl_reward_funcs): no import back
     from themis_engine.scoring.scorer import Scorer

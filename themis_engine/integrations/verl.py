@@ -25,10 +25,10 @@ verl imports such a file by path, so this module uses absolute imports only.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Sequence, TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
-from themis_engine.integrations import criterion_index, score_prompt_runs
 from themis_engine.errors import InputError
+from themis_engine.integrations import criterion_index, score_prompt_runs
 
 if TYPE_CHECKING:  # the adapters take a Scorer; they import it for typing only (see integrations/__init__)
     from themis_engine.scoring.scorer import Scorer

@@ -15,10 +15,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from themis_engine.model.args import DEFAULT_CRITERIA, FAMILIES, HEAD_KINDS, SUPPORTED_ARCHITECTURES, ModelArgs, rope_inv_freq
-from themis_engine.fileio import atomic_write, write_json
-from themis_engine.model.decoder import RewardModel
 from themis_engine.errors import CheckpointError
+from themis_engine.fileio import atomic_write, write_json
+from themis_engine.model.args import (
+    DEFAULT_CRITERIA,
+    FAMILIES,
+    HEAD_KINDS,
+    SUPPORTED_ARCHITECTURES,
+    ModelArgs,
+    rope_inv_freq,
+)
+from themis_engine.model.decoder import RewardModel
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Tensors some checkpoints carry that the engine recomputes or does not use.

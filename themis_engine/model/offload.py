@@ -18,8 +18,9 @@ Memory layout: each block's tensors are packed into one host allocation (an "are
 256-byte aligned offsets) and each device buffer is one allocation with the same layout, so a block
 moves in ONE host-to-device copy, and pinned memory is allocated once per block (torch's pinned
 allocator rounds every allocation up to a power of two: per block that wastes about 10% for a
-Qwen3-32B block, per tensor it could waste up to 2x). A block runs as `torch.func.functional_call(block, buffer.tensors, ...)`: the same module code as
-the resident model, on the buffer's tensors, so the scores are identical to the resident model's.
+Qwen3-32B block, per tensor it could waste up to 2x). A block runs as
+`torch.func.functional_call(block, buffer.tensors, ...)`: the same module code as the resident
+model, on the buffer's tensors, so the scores are identical to the resident model's.
 
 Without CUDA (or for a CPU "device") the same code runs with synchronous copies and no events:
 that is how the tests check it. Inference only; the host weights must not change while wrapped

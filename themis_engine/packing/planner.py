@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import logging
 import operator
-import os
 from typing import Sequence
 
 import numpy as np
+
 from themis_engine.config import environ
 from themis_engine.errors import PackingError
 from themis_engine.packing.batch import PackedBatch

@@ -5,6 +5,6 @@
     demo.py     `python -m themis_engine.scoring.demo`: a tiny random model scored and checked
 """
 
-from themis_engine.scoring.scorer import ScoreReport, Scorer
+from themis_engine.scoring.scorer import Scorer, ScoreReport
 
 __all__ = ["ScoreReport", "Scorer"]

@@ -17,9 +17,9 @@ import torch
 
 from themis_engine import chat as templating
 from themis_engine import packing
+from themis_engine.errors import InputError
 from themis_engine.model.decoder import RewardModel
 from themis_engine.scoring import budget
-from themis_engine.errors import InputError
 
 logger = logging.getLogger("themis_engine")
 
@@ -188,7 +188,9 @@ class Scorer:
         return reward_funcs(self, **kw)
 
     # ---------------------------------------------------------------- tokenization
-    def tokenize(self, conversations: Sequence[Conversation], names: Sequence[str] | None = None) -> list[list[int] | None]:
+    def tokenize(
+        self, conversations: Sequence[Conversation], names: Sequence[str] | None = None
+    ) -> list[list[int] | None]:
         """The token ids `score` computes for each conversation: rendered with the tokenizer's chat
         template, encoded, and fitted to max_length per on_overflow (None: skipped; "error" raises).
         names: how errors call each conversation (default "conversation i")."""
@@ -198,7 +200,9 @@ class Scorer:
             raise InputError(f"tokenize: {len(convs)} conversations but {len(whats)} names")
         return self._tokenize_many(convs, whats, _OverflowCounts())
 
-    def _tokenize_many(self, convs: list[Conversation], whats: list[str], counts: "_OverflowCounts") -> list[list[int] | None]:
+    def _tokenize_many(
+        self, convs: list[Conversation], whats: list[str], counts: _OverflowCounts
+    ) -> list[list[int] | None]:
         """Template and encode conversations (one batched tokenizer call); over max_length per
         on_overflow (None = skipped), counted in `counts`."""
         for conv, what in zip(convs, whats):
