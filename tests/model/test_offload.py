@@ -14,9 +14,9 @@ import torch
 from helpers import conversation, make_checkpoint
 
 import themis_engine as te
+from themis_engine import packing
 from themis_engine.model.fp8 import quantize_model
 from themis_engine.model.offload import BlockBuffer, StreamedRewardModel, stream_layers
-from themis_engine.packing import planner as packing
 
 ROOT = Path(__file__).resolve().parents[2]
 

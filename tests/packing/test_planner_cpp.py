@@ -11,7 +11,8 @@ import logging
 import numpy as np
 import pytest
 
-from themis_engine.packing import planner as packing
+from themis_engine import packing
+from themis_engine.packing import planner
 from themis_engine.packing.planner import PackedBatch, PackingError, flatten_groups, plan_python
 
 try:
@@ -189,10 +190,10 @@ def test_error_is_a_value_error_from_the_extension():
 
 def test_dispatch_and_log_once(monkeypatch, caplog):
     args = flatten_groups([[[1, 2, 3], [1, 2, 4]]])
-    monkeypatch.setattr(packing, "_announced", set())
+    monkeypatch.setattr(planner, "_announced", set())
     calls = []
     real = _planner.plan
-    monkeypatch.setattr(packing._planner, "plan", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(planner._planner, "plan", lambda *a: calls.append(1) or real(*a))
     monkeypatch.delenv("THEMIS_PLANNER", raising=False)
     with caplog.at_level(logging.INFO, logger="themis_engine"):
         packing.plan(*args, 10)

@@ -1,4 +1,4 @@
-"""Token budgets from device memory (memory.py), the scorer's use of them, and the one-copy transfer
+"""Token budgets from device memory (scoring/budget.py), the scorer's use of them, and the one-copy transfer
 of a packed batch to the device."""
 
 from __future__ import annotations
@@ -14,30 +14,30 @@ from helpers import make_checkpoint
 import themis_engine as te
 from themis_engine import packing
 from themis_engine.packing import batch as packed_batch
-from themis_engine.scoring import budget as memory
+from themis_engine.scoring import budget
 
 
 def test_budget_arithmetic():
     # 0.85 * 10 GiB / 100 KiB = 89128.96 tokens -> 89088 (a multiple of 1024)
-    assert memory.budget_from(100 * 1024, 10 * 2**30) == 89088
-    assert memory.budget_from(100 * 1024, 10 * 2**30, fraction=0.5) == 52224
-    assert memory.budget_from(1024, 80 * 2**30) == memory.DEFAULT_CAP
-    assert memory.budget_from(1024, 80 * 2**30, cap=4096) == 4096
-    assert memory.budget_from(1000, 1024 * 1000 / 0.85 + 1) == 1024
+    assert budget.budget_from(100 * 1024, 10 * 2**30) == 89088
+    assert budget.budget_from(100 * 1024, 10 * 2**30, fraction=0.5) == 52224
+    assert budget.budget_from(1024, 80 * 2**30) == budget.DEFAULT_CAP
+    assert budget.budget_from(1024, 80 * 2**30, cap=4096) == 4096
+    assert budget.budget_from(1000, 1024 * 1000 / 0.85 + 1) == 1024
 
 
 def test_budget_too_small_names_the_numbers():
-    with pytest.raises(memory.MemoryBudgetError, match=r"0\.00 GiB of device memory left; at 100\.0 KiB"):
-        memory.budget_from(100 * 1024, 1000)
+    with pytest.raises(budget.MemoryBudgetError, match=r"0\.00 GiB of device memory left; at 100\.0 KiB"):
+        budget.budget_from(100 * 1024, 1000)
     with pytest.raises(ValueError, match="bytes_per_token must be positive"):
-        memory.budget_from(0, 2**30)
+        budget.budget_from(0, 2**30)
     with pytest.raises(ValueError, match="fraction"):
-        memory.budget_from(1, 2**30, fraction=1.5)
+        budget.budget_from(1, 2**30, fraction=1.5)
 
 
 @pytest.mark.parametrize("tokens,segment", [(8192, 2048), (5000, 2048), (7, 10), (1, 1)])
 def test_probe_batch_layout(tokens, segment):
-    b = memory.probe_batch(1000, tokens, segment)
+    b = budget.probe_batch(1000, tokens, segment)
     assert b.num_tokens == tokens
     lengths = np.diff(b.cu_seqlens)
     assert lengths.max() == min(segment, tokens) and lengths.sum() == tokens
@@ -49,7 +49,7 @@ def test_probe_batch_layout(tokens, segment):
 def test_probe_batch_runs_through_a_model(tmp_path):
     rm = te.RewardModel.from_pretrained(make_checkpoint(tmp_path, "m", family="qwen3", num_labels=2),
                                         dtype=torch.float32)
-    b = memory.probe_batch(rm.args.vocab_size, 300, 128)
+    b = budget.probe_batch(rm.args.vocab_size, 300, 128)
     with torch.inference_mode():
         out = rm(**b.to_torch("cpu"))
     assert out.shape == (3, 2) and torch.isfinite(out).all()
@@ -58,7 +58,7 @@ def test_probe_batch_runs_through_a_model(tmp_path):
 def test_auto_budget_refuses_a_cpu_model(tmp_path):
     rm = te.RewardModel.from_pretrained(make_checkpoint(tmp_path, "m", family="qwen3", num_labels=1))
     with pytest.raises(ValueError, match="measures CUDA memory; the model is on cpu"):
-        memory.auto_token_budget(rm)
+        budget.auto_token_budget(rm)
 
 
 class _FakeCudaModel(torch.nn.Module):
@@ -75,9 +75,9 @@ def test_scorer_measures_the_budget_once_on_cuda_and_raises_it_for_a_big_group(m
 
     def fake(model):
         calls.append(model)
-        return memory.TokenBudget(tokens=4096, bytes_per_token=1.0, available_bytes=1, probe_tokens=8192)
+        return budget.TokenBudget(tokens=4096, bytes_per_token=1.0, available_bytes=1, probe_tokens=8192)
 
-    monkeypatch.setattr(memory, "auto_token_budget", fake)
+    monkeypatch.setattr(budget, "auto_token_budget", fake)
     scorer = te.Scorer(_FakeCudaModel(), tokenizer=None)
     small = (np.array([0, 100, 250]), np.array([0, 2]))  # one group of 250 tokens
     assert scorer._budget(*small) == 4096
@@ -128,7 +128,7 @@ def test_gpu_auto_budget_scores_without_running_out(tmp_path):
     suffixes = [[rng.integers(0, 500, int(n)).tolist() for n in rng.integers(1, 60, 3)] for _ in range(6)]
     got = torch.cat(scorer.score_token_groups(prefixes, suffixes))
     budget = scorer.auto_budget
-    assert budget is not None and budget.tokens % memory.GRANULE == 0
-    assert memory.GRANULE <= budget.tokens <= memory.DEFAULT_CAP and budget.bytes_per_token > 0
+    assert budget is not None and budget.tokens % budget.GRANULE == 0
+    assert budget.GRANULE <= budget.tokens <= budget.DEFAULT_CAP and budget.bytes_per_token > 0
     # several micro-batches (budget 300) or one (auto): the same scores, up to bf16 rounding
     torch.testing.assert_close(got, torch.cat(ref.score_token_groups(prefixes, suffixes)), atol=2e-2, rtol=2e-2)

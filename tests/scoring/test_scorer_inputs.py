@@ -9,7 +9,7 @@ import torch
 from helpers import conversation, make_checkpoint
 
 import themis_engine as te
-from themis_engine import chat as templating
+from themis_engine import chat
 from themis_engine.scoring.scorer import InputError
 
 
@@ -61,7 +61,7 @@ def test_overflow_truncate_keeps_closing_tokens_and_counts(scorer):
     assert s.last_report.truncated == 1 and s.last_report.skipped == 0
     ids = s.tokenize([long])[0]
     assert len(ids) == 40
-    closing = templating.encode_many(s.tokenizer, ["<|im_end|>\n"])[0]
+    closing = chat.encode_many(s.tokenizer, ["<|im_end|>\n"])[0]
     assert ids[-len(closing):] == closing
     # the truncated sequence scores like that same sequence given pre-tokenized
     alone = scorer.score_token_groups([[]], [[ids]])[0]

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from themis_engine import packing
 from themis_engine.errors import MemoryBudgetError
-from themis_engine.packing import planner as packing
 
 logger = logging.getLogger("themis_engine")
 

@@ -15,8 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from themis_engine import chat as templating
-from themis_engine import packing
+from themis_engine import chat, packing
 from themis_engine.errors import InputError
 from themis_engine.model.decoder import RewardModel
 from themis_engine.scoring import budget
@@ -207,9 +206,9 @@ class Scorer:
         on_overflow (None = skipped), counted in `counts`."""
         for conv, what in zip(convs, whats):
             _check_conversation(conv, what)
-        texts = [templating.render(self.tokenizer, conv) for conv in convs]
+        texts = [chat.render(self.tokenizer, conv) for conv in convs]
         out = []
-        for conv, text, ids, what in zip(convs, texts, templating.encode_many(self.tokenizer, texts), whats):
+        for conv, text, ids, what in zip(convs, texts, chat.encode_many(self.tokenizer, texts), whats):
             if not ids:
                 raise InputError(f"{what}: the chat template produced no tokens")
             out.append(self._overflow(ids, (conv, text), what, counts) if len(ids) > self.max_length else ids)
@@ -222,10 +221,10 @@ class Scorer:
             counts.skipped += 1
             return None
         if templated is None:  # pre-tokenized: no template to keep
-            cut = templating.fit_to_length(ids, 0, [], self.max_length, what, InputError)
+            cut = chat.fit_to_length(ids, 0, [], self.max_length, what, InputError)
         else:
             conv, text = templated
-            cut = templating.truncate(self.tokenizer, conv, text, ids, self.max_length, what, InputError)
+            cut = chat.truncate(self.tokenizer, conv, text, ids, self.max_length, what, InputError)
         counts.truncated += 1
         return cut
 
