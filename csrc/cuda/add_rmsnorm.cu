@@ -18,37 +18,24 @@ __global__ void __launch_bounds__(kMaxThreads, 1) add_rmsnorm_kernel(
   __shared__ float scratch[kWarp];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * D;
   BVec<VEC> h[ITEMS];
-  float sq[1] = {0.0f};
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
-    const int col = (it * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x)) * VEC;
+    const int col = row_col<VEC>(it);
     if (col < D) {
       const BVec<VEC> a = *reinterpret_cast<const BVec<VEC>*>(x + base + col);
       const BVec<VEC> b = *reinterpret_cast<const BVec<VEC>*>(residual + base + col);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         h[it].v[k] = __float2bfloat16_rn(__bfloat162float(a.v[k]) + __bfloat162float(b.v[k]));
-        const float hf = __bfloat162float(h[it].v[k]);
-        sq[0] += hf * hf;
       }
       *reinterpret_cast<BVec<VEC>*>(h_out + base + col) = h[it];
     }
   }
-  block_sum<1>(sq, scratch);
-  const float rstd = rsqrtf(sq[0] / static_cast<float>(D) + eps);
+  rms_normalize_row<VEC, ITEMS>(h, weight, D, eps, scratch);  // h becomes y, in registers
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
-    const int col = (it * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x)) * VEC;
-    if (col < D) {
-      const BVec<VEC> w = *reinterpret_cast<const BVec<VEC>*>(weight + col);
-      BVec<VEC> y;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const float normed = round_bf16(__bfloat162float(h[it].v[k]) * rstd);  // cast before the weight
-        y.v[k] = __float2bfloat16_rn(__bfloat162float(w.v[k]) * normed);
-      }
-      *reinterpret_cast<BVec<VEC>*>(y_out + base + col) = y;
-    }
+    const int col = row_col<VEC>(it);
+    if (col < D) *reinterpret_cast<BVec<VEC>*>(y_out + base + col) = h[it];
   }
 }
 

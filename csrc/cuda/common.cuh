@@ -45,6 +45,45 @@ __device__ __forceinline__ void block_sum(float (&v)[K], float* scratch) {
   __syncthreads();
 }
 
+// The column of vector `it` of this thread in a row held in registers (ITEMS vectors of VEC per thread).
+template <int VEC>
+__device__ __forceinline__ int row_col(int it) {
+  return (it * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x)) * VEC;
+}
+
+// RMSNorm of a row of D elements held in registers, in place, Hugging Face rounding order:
+//   row = bf16(weight * bf16(row * rstd)),  rstd = rsqrt(mean(row^2) + eps)  (float32 math).
+// The sum of squares is reduced over the block; `scratch`: 32 floats of shared memory.
+template <int VEC, int ITEMS>
+__device__ __forceinline__ void rms_normalize_row(BVec<VEC> (&row)[ITEMS], const __nv_bfloat16* weight, int D,
+                                                  float eps, float* scratch) {
+  float sq[1] = {0.0f};
+#pragma unroll
+  for (int it = 0; it < ITEMS; ++it) {
+    if (row_col<VEC>(it) < D) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float v = __bfloat162float(row[it].v[k]);
+        sq[0] += v * v;
+      }
+    }
+  }
+  block_sum<1>(sq, scratch);
+  const float rstd = rsqrtf(sq[0] / static_cast<float>(D) + eps);
+#pragma unroll
+  for (int it = 0; it < ITEMS; ++it) {
+    const int col = row_col<VEC>(it);
+    if (col < D) {
+      const BVec<VEC> w = *reinterpret_cast<const BVec<VEC>*>(weight + col);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float normed = round_bf16(__bfloat162float(row[it].v[k]) * rstd);  // cast before the weight
+        row[it].v[k] = __float2bfloat16_rn(__bfloat162float(w.v[k]) * normed);
+      }
+    }
+  }
+}
+
 // Launch shape for rows of D elements held in registers: VEC elements per vector, ITEMS vectors per
 // thread, `threads` per block (a multiple of 32). Returns false when D does not fit in one block.
 struct RowShape {

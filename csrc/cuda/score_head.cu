@@ -31,33 +31,12 @@ __global__ void __launch_bounds__(kMaxThreads, 1) score_head_kernel(
   const __nv_bfloat16* x = hidden + row * hidden_stride;
 
   BVec<VEC> z[ITEMS];
-  float sq[1] = {0.0f};
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
-    const int col = (it * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x)) * VEC;
-    if (col < D) {
-      z[it] = *reinterpret_cast<const BVec<VEC>*>(x + col);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const float v = __bfloat162float(z[it].v[k]);
-        sq[0] += v * v;
-      }
-    }
+    const int col = row_col<VEC>(it);
+    if (col < D) z[it] = *reinterpret_cast<const BVec<VEC>*>(x + col);
   }
-  block_sum<1>(sq, scratch);
-  const float rstd = rsqrtf(sq[0] / static_cast<float>(D) + eps);
-#pragma unroll
-  for (int it = 0; it < ITEMS; ++it) {
-    const int col = (it * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x)) * VEC;
-    if (col < D) {
-      const BVec<VEC> w = *reinterpret_cast<const BVec<VEC>*>(norm_weight + col);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const float normed = round_bf16(__bfloat162float(z[it].v[k]) * rstd);  // cast before the weight
-        z[it].v[k] = __float2bfloat16_rn(__bfloat162float(w.v[k]) * normed);
-      }
-    }
-  }
+  rms_normalize_row<VEC, ITEMS>(z, norm_weight, D, eps, scratch);
 
   for (int h0 = 0; h0 < H; h0 += kHeadsPerPass) {
     float acc[kHeadsPerPass];
@@ -65,7 +44,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) score_head_kernel(
     for (int j = 0; j < kHeadsPerPass; ++j) acc[j] = 0.0f;
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
-      const int col = (it * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x)) * VEC;
+      const int col = row_col<VEC>(it);
       if (col < D) {
 #pragma unroll
         for (int j = 0; j < kHeadsPerPass; ++j) {
