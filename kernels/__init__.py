@@ -1,26 +1,42 @@
 """themis_engine.kernels: the engine's ops, with the backend chosen in one place.
 
 Every op is one public function here with the signature of its reference in `reference.py`.
-`backend_for(x)` decides, for the tensor an op receives, which implementation runs:
+`backend_for(op, x)` decides, for the tensor an op receives, which implementation runs:
 
-* "triton"    on CUDA tensors, when Triton imports and the op's kernel module exists;
-* "reference" everywhere else (the CPU path), or when THEMIS_KERNELS=reference.
+* "triton"    the Triton kernels (KERNEL_MODULES; kernels/<op>_kernel.py);
+* "cuda"      the CUDA extension of csrc/cuda (cuda_ext.py) for the ops in CUDA_EXT_OPS: the fused
+              final norm + reward head (score_head) and the fused residual add + RMSNorm
+              (rms_norm with `residual`, op name "add_rms_norm"); inference only, bfloat16;
+* "scaled_mm" FP8 weights (op "fp8_matmul", model/fp8.py): torch._scaled_mm on FP8 tensor cores;
+* "reference" the plain-PyTorch references (`reference.py`; for fp8_matmul: the dequantized matmul).
 
-THEMIS_KERNELS=triton forces the Triton kernels on CPU tensors too; with TRITON_INTERPRET=1 set
-before Triton is imported, that is how the tests run the kernels on a machine with no GPU.
-Kernels themselves never branch on the device.
+THEMIS_KERNELS (listed in config.ENVIRONMENT), read by `backend_for` and nowhere else, at every call:
+
+* "auto" (default): "triton" on CUDA tensors (the ops of AWAITING_GPU_VALIDATION excepted),
+  "scaled_mm" for fp8_matmul on CUDA; "reference" on the CPU. Never "cuda".
+* "reference": the references everywhere.
+* "triton": the Triton kernels on any tensor, the CPU included (with TRITON_INTERPRET=1 set before
+  Triton is imported that is how the tests run the kernels on a machine with no GPU); an op
+  without a kernel warns and runs its reference.
+* "cuda": as "auto", and the CUDA extension for the ops it serves, on bfloat16 CUDA tensors with
+  grad mode off (the extension has no backward). Only ever on explicit request: those kernels have
+  not yet run on a GPU (csrc/cuda/README.md). It is built on first use and a failed build raises.
+
+Kernels themselves never branch on the device or read the environment.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 from functools import lru_cache
 from typing import Callable
 
+import torch
+
+from themis_engine.config import ENVIRONMENT, environ
 from themis_engine.kernels import reference
-from themis_engine.kernels.reference import BTOutput, MAGNITUDE_FORMS
+from themis_engine.kernels.reference import MAGNITUDE_FORMS, BTOutput
 
 # op name -> module (in this package) that defines a Triton-backed function of that name
 KERNEL_MODULES = {
@@ -31,9 +47,17 @@ KERNEL_MODULES = {
     "swiglu": "swiglu_kernel",
     "bt_loss": "bt_loss_kernel",
     "linear_cross_entropy": "linear_ce_kernel",
+    "score_head": "rmsnorm_kernel",
 }
+# ops run by another op's function (its Triton kernel and its reference): rms_norm with the residual
+_SAME_FUNCTION = {"add_rms_norm": "rms_norm"}
+# ops the CUDA extension serves (functions of these names in cuda_ext.py), under THEMIS_KERNELS=cuda
+CUDA_EXT_OPS = ("add_rms_norm", "score_head")
+# ops whose fast path is torch's FP8 GEMM, run by the caller (FP8Linear) when this says "scaled_mm"
+SCALED_MM_OPS = ("fp8_matmul",)
+OPS = (*KERNEL_MODULES, *_SAME_FUNCTION, *SCALED_MM_OPS)
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ENVIRONMENT["THEMIS_KERNELS"].choices  # auto, triton, reference, cuda
 
 # Kernels whose latest version has not yet passed its GPU tests on a card: "auto" keeps the reference
 # for them on CUDA (THEMIS_KERNELS=triton still forces them). bt_loss: its d_hidden was rewritten after
@@ -43,10 +67,8 @@ AWAITING_GPU_VALIDATION = frozenset({"bt_loss"})
 
 
 def _requested_backend() -> str:
-    value = os.environ.get("THEMIS_KERNELS", "auto").strip().lower() or "auto"
-    if value not in BACKENDS:
-        raise ValueError(f"THEMIS_KERNELS must be one of {BACKENDS}, got {value!r}")
-    return value
+    """THEMIS_KERNELS, lower-cased; a value outside BACKENDS is a ConfigError (a ValueError)."""
+    return environ("THEMIS_KERNELS") or "auto"
 
 
 @lru_cache(maxsize=None)
@@ -60,6 +82,8 @@ def _triton_available() -> bool:
 
 @lru_cache(maxsize=None)
 def _kernel(op: str) -> Callable | None:
+    """The Triton-backed function of `op`, or None where its kernel module is absent."""
+    op = _SAME_FUNCTION.get(op, op)
     try:
         module = importlib.import_module(f".{KERNEL_MODULES[op]}", __name__)
     except ModuleNotFoundError as err:
@@ -69,12 +93,26 @@ def _kernel(op: str) -> Callable | None:
     return getattr(module, op)
 
 
+def _cuda_ext_function(op: str) -> Callable:
+    from themis_engine.kernels import cuda_ext  # imported (and built) only when asked for
+
+    return getattr(cuda_ext, op)
+
+
 def backend_for(op: str, x) -> str:
-    """The backend that runs `op` on tensor `x`: "triton" or "reference"."""
+    """The backend that runs `op` on tensor `x`: "triton", "cuda", "scaled_mm" or "reference"
+    (see the module docstring for THEMIS_KERNELS)."""
+    if op not in OPS:
+        raise ValueError(f"backend_for: unknown op {op!r}; the ops are {OPS}")
     requested = _requested_backend()
     if requested == "reference":
         return "reference"
-    if requested == "auto" and (not x.is_cuda or op in AWAITING_GPU_VALIDATION):
+    if op in SCALED_MM_OPS:
+        return "scaled_mm" if x.is_cuda else "reference"
+    if (requested == "cuda" and op in CUDA_EXT_OPS and x.is_cuda and x.dtype == torch.bfloat16
+            and not torch.is_grad_enabled()):
+        return "cuda"
+    if requested != "triton" and (not x.is_cuda or op in AWAITING_GPU_VALIDATION):
         return "reference"
     if not _triton_available() or _kernel(op) is None:
         if requested == "triton":
@@ -84,10 +122,15 @@ def backend_for(op: str, x) -> str:
 
 
 def implementation(op: str, x) -> Callable:
-    """The function that runs `op` on tensor `x` (see backend_for)."""
-    if backend_for(op, x) == "triton":
+    """The function that runs `op` on tensor `x` (see backend_for); its signature is the reference's."""
+    backend = backend_for(op, x)
+    if backend == "triton":
         return _kernel(op)
-    return getattr(reference, op)
+    if backend == "cuda":
+        return _cuda_ext_function(op)
+    if backend == "reference" and op not in SCALED_MM_OPS:
+        return getattr(reference, _SAME_FUNCTION.get(op, op))
+    raise ValueError(f"implementation: {op!r} is run by model/fp8.py (FP8Linear); ask backend_for instead")
 
 
 ATTENTION_HEAD_DIMS = (16, 32, 64, 128, 256)  # what the Triton attention kernel takes (powers of two)
@@ -109,8 +152,15 @@ def attention(q, k, v, cu_seqlens, prefix_start, prefix_len, max_seqlen, scale):
 
 
 def rms_norm(x, weight, eps, residual=None):
-    """RMSNorm, optionally fused with the residual add; see reference.rms_norm."""
-    return implementation("rms_norm", x)(x, weight, eps, residual)
+    """RMSNorm, optionally fused with the residual add (op "add_rms_norm"); see reference.rms_norm."""
+    if residual is None:
+        return implementation("rms_norm", x)(x, weight, eps)
+    return implementation("add_rms_norm", x)(x, weight, eps, residual)
+
+
+def score_head(hidden, score_index, norm_weight, head_weight, eps):
+    """The final RMSNorm at the score rows and the reward head, [N, H]; see reference.score_head."""
+    return implementation("score_head", hidden)(hidden, score_index, norm_weight, head_weight, eps)
 
 
 def rope(x, position_ids, inv_freq, attention_scaling=1.0):
@@ -143,8 +193,10 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, normalizer=N
 __all__ = [
     "BACKENDS",
     "BTOutput",
+    "CUDA_EXT_OPS",
     "KERNEL_MODULES",
     "MAGNITUDE_FORMS",
+    "OPS",
     "attention",
     "backend_for",
     "bt_loss",
@@ -154,5 +206,6 @@ __all__ = [
     "reference",
     "rms_norm",
     "rope",
+    "score_head",
     "swiglu",
 ]

@@ -8,9 +8,9 @@ sees the rows prefix_start[s] .. prefix_start[s]+prefix_len[s]-1 (its group's pr
     query i   [ 1 1 1 1 1 1 | 1 0 0 0 ]      (i = first row of s)
     query i+1 [ 1 1 1 1 1 1 | 1 1 0 0 ]
 
-Layers: `@triton.jit` kernels -> host launchers (`_forward`, `_backward`) -> torch.library custom ops
-("themis::attention_fwd", "themis::attention_bwd", with fake implementations for torch.compile) ->
-`_AttentionFunction` (autograd) -> the public `attention`.
+Layers: `@triton.jit` kernels -> host launchers (`_forward`, `_backward`) -> custom ops
+`themis::attention_fwd`, `themis::attention_bwd` (kernels._utils.custom_op, with fake
+implementations for torch.compile) -> `_AttentionFunction` (autograd) -> the public `attention`.
 
 Design (FlashAttention-2, online softmax in the log2 domain, fp32 accumulation):
 
@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from themis_engine.kernels._utils import custom_op, rowmajor
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -352,10 +354,6 @@ def _check(q, k, v, cu_seqlens, prefix_start, prefix_len):
         raise ValueError("attention: cu_seqlens must have S + 1 entries and prefix_start / prefix_len S")
 
 
-def _rowmajor(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def _meta(x: torch.Tensor, device) -> torch.Tensor:
     return x.to(device=device, dtype=torch.int32).contiguous()
 
@@ -369,7 +367,7 @@ def _forward(q, k, v, cu_seqlens, prefix_start, prefix_len, max_seqlen, scale, b
     b = AttentionBlocks(*blocks)
     assert b.fwd_m % b.fwd_n == 0, "fwd_m must be a multiple of fwd_n"
     T, Hq, D = q.shape
-    q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
+    q, k, v = rowmajor(q), rowmajor(k), rowmajor(v)
     cu, ps, pl = (_meta(x, q.device) for x in (cu_seqlens, prefix_start, prefix_len))
     out = torch.zeros_like(q, memory_format=torch.contiguous_format)
     lse = torch.full((Hq, T), float("-inf"), dtype=torch.float32, device=q.device)
@@ -441,7 +439,7 @@ def _backward(do, q, k, v, out, lse, dlse, cu_seqlens, prefix_start, prefix_len,
     assert b.dq_m % b.dq_n == 0, "dq_m must be a multiple of dq_n"
     T, Hq, D = q.shape
     Hkv = k.shape[1]
-    q, k, v, out, do = (_rowmajor(x) for x in (q, k, v, out, do))
+    q, k, v, out, do = (rowmajor(x) for x in (q, k, v, out, do))
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
     dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
     dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
@@ -487,7 +485,7 @@ def _backward(do, q, k, v, out, lse, dlse, cu_seqlens, prefix_start, prefix_len,
 # --------------------------------------------------------------------------------------------
 # torch.library ops (opaque to torch.compile, with fake implementations) and autograd
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("themis::attention_fwd", mutates_args=())
+@custom_op("attention_fwd")
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, prefix_start: torch.Tensor,
     prefix_len: torch.Tensor, max_seqlen: int, scale: float, blocks: list[int],
@@ -500,7 +498,7 @@ def _attention_fwd_fake(q, k, v, cu_seqlens, prefix_start, prefix_len, max_seqle
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("themis::attention_bwd", mutates_args=())
+@custom_op("attention_bwd")
 def attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     dlse: Optional[torch.Tensor], cu_seqlens: torch.Tensor, prefix_start: torch.Tensor, prefix_len: torch.Tensor,
@@ -518,8 +516,7 @@ def _attention_bwd_fake(do, q, k, v, out, lse, dlse, cu_seqlens, prefix_start, p
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, prefix_start, prefix_len, max_seqlen, scale, blocks):
-        out, lse = torch.ops.themis.attention_fwd(q, k, v, cu_seqlens, prefix_start, prefix_len, max_seqlen,
-                                                  scale, blocks)
+        out, lse = attention_fwd(q, k, v, cu_seqlens, prefix_start, prefix_len, max_seqlen, scale, blocks)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, prefix_start, prefix_len)
         ctx.max_seqlen, ctx.scale, ctx.blocks = max_seqlen, scale, blocks
         ctx.set_materialize_grads(False)
@@ -530,7 +527,7 @@ class _AttentionFunction(torch.autograd.Function):
         q, k, v, out, lse, cu_seqlens, prefix_start, prefix_len = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = torch.ops.themis.attention_bwd(
+        dq, dk, dv = attention_bwd(
             dout, q, k, v, out, lse, dlse, cu_seqlens, prefix_start, prefix_len, ctx.max_seqlen, ctx.scale,
             ctx.blocks,
         )

@@ -11,10 +11,11 @@ Semantics: exactly `reference.bt_loss` (see its docstring). Design:
   margin sum). The partials ([programs, 2 + 3*BLOCK_H] floats) are summed by torch: no atomics,
   deterministic, and no second pass over [N, D].
 * Backward, ONE kernel over (D tiles, N splits): reads h_c, h_r once, writes dh = (s*g) @ W for both
-  (H rank-1 updates from per-head loads) and a per-split partial of dW = (s*g_c)^T h_c + (s*g_r)^T h_r (s = grad_loss / normaliser, read
-  from a device scalar: no host sync). The few split partials of dW [splits, H, D] are summed by torch.
-* Registered as torch.library custom ops (themis::bt_loss_fwd / themis::bt_loss_bwd) with fake
-  implementations, glued by a torch.autograd.Function; `bt_loss` is the public plain function.
+  (H rank-1 updates from per-head loads) and a per-split partial of dW = (s*g_c)^T h_c + (s*g_r)^T h_r
+  (s = grad_loss / normaliser, read from a device scalar: no host sync). The few split partials of
+  dW [splits, H, D] are summed by torch.
+* Registered as custom ops (themis::bt_loss_fwd / themis::bt_loss_bwd, kernels._utils.custom_op) with
+  fake implementations, glued by a torch.autograd.Function; `bt_loss` is the public plain function.
 
 margin is treated as data: no gradient flows to it. Accumulation is float32 whatever the input dtype
 (float64 inputs are computed in float32 too).
@@ -26,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from themis_engine.kernels._utils import custom_op, rowmajor
 from themis_engine.kernels.reference import MAGNITUDE_FORMS, BTOutput
 
 Tensor = torch.Tensor
@@ -187,14 +189,10 @@ def _blocks(H: int, D: int) -> Tuple[int, int, int]:
     return _BLOCK_N, block_h, block_d
 
 
-def _rowmajor(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 # --------------------------------------------------------------------------------------------
 # custom ops
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("themis::bt_loss_fwd", mutates_args=())
+@custom_op("bt_loss_fwd")
 def _bt_loss_fwd(
     hidden_chosen: Tensor,
     hidden_rejected: Tensor,
@@ -210,7 +208,7 @@ def _bt_loss_fwd(
     H = weight.shape[0]
     dev = hidden_chosen.device
     f32 = torch.float32
-    hc, hr, w = _rowmajor(hidden_chosen), _rowmajor(hidden_rejected), _rowmajor(weight)
+    hc, hr, w = rowmajor(hidden_chosen), rowmajor(hidden_rejected), rowmajor(weight)
     m = mask.to(f32).contiguous()
     marg = margin.contiguous() if margin is not None else None
     block_n, block_h, block_d = _blocks(H, D)
@@ -261,7 +259,7 @@ def _bt_loss_fwd_fake(hidden_chosen, hidden_rejected, weight, mask, margin, mu, 
     return f(), f(), f(), f(N, H), f(N, H), f(H), f(H), f(H), f(), f(N, H), f(N, H)
 
 
-@torch.library.custom_op("themis::bt_loss_bwd", mutates_args=())
+@custom_op("bt_loss_bwd")
 def _bt_loss_bwd(
     hidden_chosen: Tensor,
     hidden_rejected: Tensor,
@@ -275,7 +273,7 @@ def _bt_loss_bwd(
     """(d hidden_chosen, d hidden_rejected, d weight) for cell grads scale * grad_r*; empty where not needed."""
     N, D = hidden_chosen.shape
     H = weight.shape[0]
-    hc, hr, w = _rowmajor(hidden_chosen), _rowmajor(hidden_rejected), _rowmajor(weight)
+    hc, hr, w = rowmajor(hidden_chosen), rowmajor(hidden_rejected), rowmajor(weight)
     gc, gr = grad_rc.contiguous(), grad_rr.contiguous()
     scale = scale.to(torch.float32).reshape(1).contiguous()
     block_n, block_h, block_d = _blocks(H, D)
@@ -287,7 +285,8 @@ def _bt_loss_bwd(
     dhc = torch.empty_like(hc, memory_format=torch.contiguous_format) if need_dh else hc.new_empty((0,))
     dhr = torch.empty_like(hr, memory_format=torch.contiguous_format) if need_dh else hr.new_empty((0,))
     dw_part = (
-        torch.zeros((splits, H, D), dtype=torch.float32, device=w.device) if need_dw else w.new_empty((0,), dtype=torch.float32)
+        torch.zeros((splits, H, D), dtype=torch.float32, device=w.device) if need_dw
+        else w.new_empty((0,), dtype=torch.float32)
     )
     if (need_dh or need_dw) and N > 0:
         _bt_bwd_kernel[(d_tiles, splits)](
@@ -321,7 +320,7 @@ def _bt_loss_bwd_fake(hidden_chosen, hidden_rejected, weight, grad_rc, grad_rr, 
 class _BTLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_chosen, hidden_rejected, weight, mask, margin, mu, abs_form, normalizer):
-        (loss, bt, mag, rc, rr, acc, mean_margin, count, norm, gc, gr) = torch.ops.themis.bt_loss_fwd(
+        (loss, bt, mag, rc, rr, acc, mean_margin, count, norm, gc, gr) = _bt_loss_fwd(
             hidden_chosen, hidden_rejected, weight, mask, margin, mu, abs_form, normalizer
         )
         ctx.save_for_backward(hidden_chosen, hidden_rejected, weight, gc, gr, norm)
@@ -334,7 +333,7 @@ class _BTLossFunction(torch.autograd.Function):
         need_hc, need_hr, need_w = ctx.needs_input_grad[:3]
         need_dh = bool(need_hc or need_hr)
         scale = grad_loss.to(torch.float32) / norm
-        dhc, dhr, dw = torch.ops.themis.bt_loss_bwd(hc, hr, w, gc, gr, scale, need_dh, bool(need_w))
+        dhc, dhr, dw = _bt_loss_bwd(hc, hr, w, gc, gr, scale, need_dh, bool(need_w))
         return (
             dhc if need_hc else None,
             dhr if need_hr else None,

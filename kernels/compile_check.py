@@ -182,6 +182,11 @@ def exercise(op: str, args, dtype: torch.dtype, T: int = 40) -> None:
         for margin, form in ((None, "centering"), (torch.rand(T, H, generator=g), "abs")):
             out = fn(hc, hr, w, mask, margin, 0.01, form, None)
             torch.autograd.grad(out.loss, (hc, hr, w))
+    elif op == "score_head":
+        H = len(args.criteria) or 5
+        h, norm_w, head = rnd(T, hidden), rnd(hidden), rnd(H, hidden)
+        score_index = torch.tensor([3, 17, T - 1])
+        torch.autograd.grad(fn(h, score_index, norm_w, head, 1e-6).float().sum(), (h, norm_w, head))
     elif op == "linear_cross_entropy":
         h, w = rnd(T, hidden), rnd(args.vocab_size, hidden)
         labels = torch.randint(0, args.vocab_size, (T,), generator=g)

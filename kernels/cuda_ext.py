@@ -1,19 +1,23 @@
-"""The CUDA scoring kernels of csrc/cuda/: reference math, a loader, and a benchmark.
+"""The CUDA extension backend (csrc/cuda): a loader, the ops, and a benchmark. Experimental.
 
-Ops (torch.library, namespace `themis_cuda`, CUDA only, inference only, bf16):
+`themis_engine.kernels.backend_for` picks this backend only under THEMIS_KERNELS=cuda, set
+explicitly ("auto" never does: these kernels have not yet run on a GPU), for two ops, on bfloat16
+CUDA tensors with grad mode off (inference only: no backward):
 
-* `score_head(hidden [T, D], score_index [N] int64, norm_weight [D], head [H, D], eps) -> [N, H] float32`:
-  final RMSNorm at the score positions and the reward head, fused;
-* `add_rmsnorm(x [..., D], residual [..., D], weight [D], eps) -> (y, h)`: h = x + residual (bf16),
-  y = RMSNorm(h) (bf16), as `kernels.rms_norm(x, weight, eps, residual)`.
+* `score_head(hidden [T, D], score_index [N] int64, norm_weight [D], head_weight [H, D], eps) -> [N, H]`
+  (bf16): the final RMSNorm at the score rows and the reward head in one kernel; the op of
+  `reference.score_head`. The kernel's dot products are float32 and rounded once to bf16 here (cuBLAS
+  rounds the same float32 sums); a score index outside [0, T) gives a NaN row, not an IndexError.
+* `add_rms_norm(x [..., D], weight [D], eps, residual [..., D]) -> (y, h)`: h = x + residual (bf16),
+  y = RMSNorm(h) (bf16); the op of `reference.rms_norm(x, weight, eps, residual)`.
 
-The references below are the CPU oracle of the GPU tests; they are the engine's own ops
-(`kernels.reference`), composed as the model composes them. The loader builds csrc/cuda (nvcc +
-the C++ binding) on first use, on a machine with CUDA only; nothing imports this module at package
-import time, and the kernels are not on the default scoring path (no GPU measurement yet says they
-are faster; see csrc/cuda/README.md).
+Call path, as every op of the package: these functions -> custom ops `themis::score_head_cuda`,
+`themis::add_rms_norm_cuda` (kernels._utils.custom_op, fakes right under them) -> the C++ binding
+(torch.ops.themis_cuda.*, csrc/cuda/binding.cpp) -> the raw-pointer launchers of csrc/cuda/*.cu.
+The loader builds csrc/cuda (nvcc + the binding) on first use, on a machine with CUDA only; nothing
+imports this module at package import time.
 
-    python -m themis_engine.kernels.cuda_ext --bench      # on a GPU: each kernel vs its Triton/PyTorch path
+    python -m themis_engine.kernels.cuda_ext --bench      # on a GPU: each kernel vs the Triton path
 """
 
 from __future__ import annotations
@@ -28,27 +32,13 @@ from pathlib import Path
 
 import torch
 
-from themis_engine.kernels import reference
+from themis_engine.config import ENVIRONMENT, environ
+from themis_engine.kernels._utils import custom_op
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
 SOURCES = ("binding.cpp", "score_head.cu", "add_rmsnorm.cu")
 HEADERS = ("themis_cuda.h", "common.cuh")
 EXT_NAME = "themis_cuda_ext"
-
-
-# --------------------------------------------------------------------------------------------
-# Reference math (CPU or GPU, any float dtype)
-# --------------------------------------------------------------------------------------------
-def score_head_reference(hidden, score_index, norm_weight, head, eps: float) -> torch.Tensor:
-    """float32 [N, H]: rms_norm(hidden[score_index]) in hidden's dtype (HF rounding order), then the
-    head's dot products in float32 (the kernel does not round them to bf16, unlike nn.Linear)."""
-    z = reference.rms_norm(hidden[score_index], norm_weight, eps)  # [N, D]
-    return z.float() @ head.float().T
-
-
-def add_rmsnorm_reference(x, residual, weight, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, h): h = x + residual in x's dtype, y = rms_norm(h) (statistics in float32)."""
-    return reference.rms_norm(x, weight, eps, residual)
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,8 +60,8 @@ def _build_dir() -> Path:
         h.update((CSRC / name).read_bytes())
     major, minor = torch.cuda.get_device_capability()
     h.update(f"{torch.__version__}|{torch.version.cuda}|sm_{major}{minor}".encode())
-    root = os.environ.get("THEMIS_CUDA_BUILD_DIR") or Path.home() / ".cache" / "themis_engine" / "cuda_ext"
-    path = Path(root) / h.hexdigest()[:16]
+    root = environ("THEMIS_CUDA_BUILD_DIR") or ENVIRONMENT["THEMIS_CUDA_BUILD_DIR"].default
+    path = Path(root).expanduser() / h.hexdigest()[:16]
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -150,36 +140,52 @@ def load(verbose: bool = False):
         if not so.is_file():
             so = _build_with_nvcc(build_dir, verbose)
         torch.ops.load_library(str(so))
-    _register_fakes()
     _LOADED.append(torch.ops.themis_cuda)
     return _LOADED[0]
 
 
-def _register_fakes() -> None:
-    """Shapes for FakeTensor / torch.compile tracing."""
-
-    @torch.library.register_fake("themis_cuda::score_head")
-    def _score_head_fake(hidden, score_index, norm_weight, head, eps):
-        return hidden.new_empty((score_index.shape[0], head.shape[0]), dtype=torch.float32)
-
-    @torch.library.register_fake("themis_cuda::add_rmsnorm")
-    def _add_rmsnorm_fake(x, residual, weight, eps):
-        return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
-            x, memory_format=torch.contiguous_format)
+# --------------------------------------------------------------------------------------------
+# The ops
+# --------------------------------------------------------------------------------------------
+@custom_op("score_head_cuda")
+def _score_head_cuda(
+    hidden: torch.Tensor, score_index: torch.Tensor, norm_weight: torch.Tensor, head_weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """[N, H] float32: the raw kernel's unrounded dot products."""
+    return load().score_head(hidden, score_index, norm_weight, head_weight, eps)
 
 
-def score_head(hidden, score_index, norm_weight, head, eps: float) -> torch.Tensor:
-    """The fused kernel (see score_head_reference for the math)."""
-    return load().score_head(hidden, score_index, norm_weight, head, float(eps))
+@_score_head_cuda.register_fake
+def _(hidden, score_index, norm_weight, head_weight, eps):
+    return hidden.new_empty((score_index.shape[0], head_weight.shape[0]), dtype=torch.float32)
 
 
-def add_rmsnorm(x, residual, weight, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused kernel (see add_rmsnorm_reference for the math)."""
-    return load().add_rmsnorm(x, residual, weight, float(eps))
+@custom_op("add_rms_norm_cuda")
+def _add_rms_norm_cuda(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h), both contiguous bf16 of x's shape."""
+    return load().add_rmsnorm(x, residual, weight, eps)
+
+
+@_add_rms_norm_cuda.register_fake
+def _(x, residual, weight, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def score_head(hidden, score_index, norm_weight, head_weight, eps: float) -> torch.Tensor:
+    """reference.score_head in one kernel, [N, H] in hidden's dtype (bf16); see the module docstring."""
+    return _score_head_cuda(hidden, score_index, norm_weight, head_weight, float(eps)).to(hidden.dtype)
+
+
+def add_rms_norm(x, weight, eps: float, residual) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.rms_norm(x, weight, eps, residual) in one kernel: (y, h), bf16."""
+    return _add_rms_norm_cuda(x, residual, weight, float(eps))
 
 
 # --------------------------------------------------------------------------------------------
-# Benchmark: each kernel against the path the engine takes today (Triton RMSNorm + cuBLAS)
+# Benchmark: each kernel against the path the engine takes by default (Triton RMSNorm + cuBLAS)
 # --------------------------------------------------------------------------------------------
 def _time_us(fn, reps: int = 50) -> float:
     for _ in range(5):
@@ -197,11 +203,11 @@ def _time_us(fn, reps: int = 50) -> float:
     return times[len(times) // 2]
 
 
+@torch.no_grad()
 def bench(shapes=None) -> list[dict]:
-    """Median microseconds of each kernel and of its engine counterpart, same inputs, same card."""
-    import torch.nn.functional as F
-
-    from themis_engine import kernels
+    """Median microseconds of each kernel and of its Triton counterpart, same inputs, same card, and
+    the largest difference of their results."""
+    from themis_engine.kernels import rmsnorm_kernel
 
     dev, bf = torch.device("cuda"), torch.bfloat16
     eps = 1e-6
@@ -213,19 +219,19 @@ def bench(shapes=None) -> list[dict]:
         w = (1 + 0.1 * torch.randn(D, device=dev, generator=g)).to(bf)
         head = (torch.randn(H, D, device=dev, generator=g) * D**-0.5).to(bf)
         ours = _time_us(lambda: score_head(hidden, idx, w, head, eps))
-        theirs = _time_us(lambda: F.linear(kernels.rms_norm(hidden[idx], w, eps), head))
-        err = (score_head(hidden, idx, w, head, eps) - score_head_reference(hidden, idx, w, head, eps)).abs().max()
+        theirs = _time_us(lambda: rmsnorm_kernel.score_head(hidden, idx, w, head, eps))
+        err = (score_head(hidden, idx, w, head, eps).float()
+               - rmsnorm_kernel.score_head(hidden, idx, w, head, eps).float()).abs().max()
         rows.append(dict(op="score_head", shape=f"T={T} D={D} N={N} H={H}", cuda_us=ours, engine_us=theirs,
-                         engine_path="gather + Triton rms_norm + cuBLAS", max_abs_err=float(err)))
+                         engine_path="gather + Triton rms_norm + cuBLAS", max_abs_diff=float(err)))
         x, r = torch.randn_like(hidden), torch.randn_like(hidden)
-        ours = _time_us(lambda: add_rmsnorm(x, r, w, eps))
-        theirs = _time_us(lambda: kernels.rms_norm(x, w, eps, r))
-        y, h = add_rmsnorm(x, r, w, eps)
-        y_ref, h_ref = add_rmsnorm_reference(x, r, w, eps)
-        rows.append(dict(op="add_rmsnorm", shape=f"rows={T} D={D}", cuda_us=ours, engine_us=theirs,
-                         engine_path=f"{kernels.backend_for('rms_norm', x)} rms_norm(residual=)",
-                         max_abs_err=float(max((y - y_ref).abs().max(), (h - h_ref).abs().max()))))
-        del hidden, x, r
+        ours = _time_us(lambda: add_rms_norm(x, w, eps, r))
+        theirs = _time_us(lambda: rmsnorm_kernel.rms_norm(x, w, eps, r))
+        y, h = add_rms_norm(x, w, eps, r)
+        y_tr, h_tr = rmsnorm_kernel.rms_norm(x, w, eps, r)
+        rows.append(dict(op="add_rms_norm", shape=f"rows={T} D={D}", cuda_us=ours, engine_us=theirs,
+                         engine_path="Triton rms_norm(residual=)",
+                         max_abs_diff=float(max((y - y_tr).abs().max(), (h - h_tr).abs().max()))))
     return rows
 
 
@@ -239,11 +245,11 @@ def main(argv=None) -> int:
     load(verbose=opt.verbose)
     print(f"themis_cuda loaded on {torch.cuda.get_device_name()} (torch {torch.__version__})")
     if opt.bench:
-        print("| op | shape | CUDA kernel us | engine path us | speedup | engine path | max abs err vs reference |")
+        print("| op | shape | CUDA kernel us | Triton path us | speedup | Triton path | max abs diff |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for r in bench():
             print(f"| {r['op']} | {r['shape']} | {r['cuda_us']:.1f} | {r['engine_us']:.1f} | "
-                  f"{r['engine_us'] / r['cuda_us']:.2f}x | {r['engine_path']} | {r['max_abs_err']:.3g} |")
+                  f"{r['engine_us'] / r['cuda_us']:.2f}x | {r['engine_path']} | {r['max_abs_diff']:.3g} |")
     return 0
 
 

@@ -14,8 +14,8 @@ the [T, V] logits. Design (Liger style: the gradients are made DURING the forwar
 * The forward keeps dh [T, D] and dW [V, D] (already divided by the normaliser); the backward only
   multiplies them by the upstream scalar grad. When no gradient is wanted (no_grad, or neither
   hidden nor weight requires grad), the forward only computes the loss (1 GEMM).
-* Registered as the custom op themis::linear_ce_fwd (+ fake), glued by a torch.autograd.Function;
-  `linear_cross_entropy` is the public plain function.
+* Registered as the custom op themis::linear_ce_fwd (+ fake, kernels._utils.custom_op), glued by a
+  torch.autograd.Function; `linear_cross_entropy` is the public plain function.
 
 The loss is computed from the logits rounded to the inputs' dtype (as Hugging Face / Liger do). A label
 outside [0, V) that is not ignore_index is an error naming the row (one host sync per call, small next
@@ -27,6 +27,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from themis_engine.kernels._utils import custom_op
 
 Tensor = torch.Tensor
 
@@ -83,7 +85,7 @@ def _chunk_rows(T: int, V: int, elem_bytes: int) -> int:
     return triton.cdiv(T, chunks)
 
 
-@torch.library.custom_op("themis::linear_ce_fwd", mutates_args=())
+@custom_op("linear_ce_fwd")
 def _linear_ce_fwd(
     hidden: Tensor,
     weight: Tensor,
@@ -155,7 +157,7 @@ def _linear_ce_fwd_fake(hidden, weight, labels, ignore_index, normalizer, need_d
 class _LinearCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, normalizer, need_dh, need_dw, chunk_rows):
-        loss, dh, dw = torch.ops.themis.linear_ce_fwd(
+        loss, dh, dw = _linear_ce_fwd(
             hidden, weight, labels, ignore_index, normalizer, need_dh, need_dw, chunk_rows
         )
         ctx.save_for_backward(dh, dw)

@@ -148,6 +148,18 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def score_head(
+    hidden: torch.Tensor, score_index: torch.Tensor, norm_weight: torch.Tensor, head_weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """The reward model's last step: the final RMSNorm at the score rows, then the reward head.
+
+    hidden: [T, D], the residual stream after the last block; score_index: int64 [N], the rows whose
+    rewards are read; norm_weight: [D]; head_weight: [H, D] (no bias). Returns [N, H] in the dtype of
+    the product (the model's dtype): F.linear(rms_norm(hidden[score_index], norm_weight, eps), head_weight).
+    """
+    return F.linear(rms_norm(hidden[score_index], norm_weight, eps), head_weight)
+
+
 # --------------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------------

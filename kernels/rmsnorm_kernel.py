@@ -12,22 +12,26 @@ Layers (ARCHITECTURE.md section 5):
 * `_rms_norm_bwd_kernel`: persistent programs walk the row tiles (grid stride); each program keeps
   its partial sum of dweight in registers and writes one float32 row of a [programs, D] buffer,
   summed on the host afterwards (no atomics, deterministic).
-* custom ops `themis_engine::rms_norm_fwd`, `::add_rms_norm_fwd`, `::rms_norm_bwd`
-  (torch.library.custom_op + register_fake, so torch.compile traces them as opaque nodes);
+* custom ops `themis::rms_norm_fwd`, `themis::add_rms_norm_fwd`, `themis::rms_norm_bwd`
+  (kernels._utils.custom_op + register_fake, so torch.compile traces them as opaque nodes);
 * `torch.autograd.Function`s `_RMSNorm` and `_AddRMSNorm`; `rms_norm` picks one.
+
+`score_head(hidden, score_index, norm_weight, head_weight, eps)` is the model's last step on this
+backend: this RMSNorm at the score rows, then the reward head as a cuBLAS product (F.linear).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["rms_norm"]
+from themis_engine.kernels._utils import as_rows, custom_op, num_warps_for, persistent_programs, row_tile
+
+__all__ = ["rms_norm", "score_head"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -38,51 +42,8 @@ _TILE_ELEMS = 4096  # elements per program tile: 16 per thread at 8 warps, i.e. 
 
 def _config(D: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_D, num_warps) for rows of D elements."""
-    block_d = triton.next_power_of_2(D)
-    block_m = max(1, min(64, _TILE_ELEMS // block_d))
-    tile = block_m * block_d
-    num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16
-    return block_m, block_d, num_warps
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _persistent_programs(t: torch.Tensor, n_tiles: int) -> int:
-    """How many programs a persistent (grid-stride) backward launches: 2 per SM on a GPU. Off the
-    GPU (the interpreter) a small number, so that the tests walk the grid-stride loop."""
-    if t.is_cuda:
-        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-        cap = 2 * _sm_count(index)
-    else:
-        cap = 2
-    return max(1, min(n_tiles, cap))
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _call(op, impl, *args):
-    """Run a custom op's implementation directly in plain eager mode (the dispatcher's Python
-    round trip costs tens of microseconds of host time per call), and through `op` whenever
-    something is tracing: Dynamo, a dispatch mode (make_fx, FakeTensorMode) or tensor subclasses."""
-    if (
-        torch.compiler.is_compiling()
-        or _get_current_dispatch_mode() is not None
-        or any(torch.is_tensor(a) and type(a) not in _PLAIN for a in args)
-    ):
-        return op(*args)
-    return impl(*args)
-
-
-def _as_rows(t: torch.Tensor, D: int) -> torch.Tensor:
-    """t viewed as [rows, D] with unit column stride (copies only when it must)."""
-    t2 = t.reshape(-1, D)
-    if t2.stride(-1) != 1:
-        t2 = t2.contiguous()
-    return t2
+    block_m, block_d = row_tile(D, _TILE_ELEMS)
+    return block_m, block_d, num_warps_for(block_m * block_d)
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,13 +134,13 @@ def _launch_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
     D = x.shape[-1]
     if weight.shape != (D,):
         raise ValueError(f"rms_norm: weight of shape {tuple(weight.shape)} for rows of {D}")
-    x2 = _as_rows(x, D)
+    x2 = as_rows(x, D)
     rows = x2.shape[0]
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if residual is not None:
-        r2 = _as_rows(residual, D)
+        r2 = as_rows(residual, D)
         h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     else:
         r2, h = x2, y  # unused placeholders (HAS_RESIDUAL=False)
@@ -199,12 +160,11 @@ def _launch_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
     return y, (h if residual is not None else None), rstd
 
 
-def _rms_norm_fwd_impl(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+@custom_op("rms_norm_fwd")
+def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y in promote(x, weight) dtype, rstd [...] float32)."""
     y, _, rstd = _launch_fwd(x, None, weight, eps)
     return y, rstd
-
-
-_rms_norm_fwd = torch.library.custom_op("themis_engine::rms_norm_fwd", _rms_norm_fwd_impl, mutates_args=())
 
 
 @_rms_norm_fwd.register_fake
@@ -213,14 +173,13 @@ def _(x, weight, eps):
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-def _add_rms_norm_fwd_impl(
+@custom_op("add_rms_norm_fwd")
+def _add_rms_norm_fwd(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h = x + residual in x.dtype, rstd float32)."""
     y, h, rstd = _launch_fwd(x, residual, weight, eps)
     return y, h, rstd
-
-
-_add_rms_norm_fwd = torch.library.custom_op("themis_engine::add_rms_norm_fwd", _add_rms_norm_fwd_impl, mutates_args=())
 
 
 @_add_rms_norm_fwd.register_fake
@@ -233,7 +192,8 @@ def _(x, residual, weight, eps):
     )
 
 
-def _rms_norm_bwd_impl(
+@custom_op("rms_norm_bwd")
+def _rms_norm_bwd(
     dy: torch.Tensor,
     dh: Optional[torch.Tensor],
     x: torch.Tensor,
@@ -244,15 +204,15 @@ def _rms_norm_bwd_impl(
     """(dx, dweight); dweight is an empty tensor when not compute_dw. x is the normalised input
     (h when the residual was fused); dh, when given, is added to dx."""
     D = x.shape[-1]
-    x2 = _as_rows(x, D)
-    dy2 = _as_rows(dy, D)
+    x2 = as_rows(x, D)
+    dy2 = as_rows(dy, D)
     rows = x2.shape[0]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dx2 = dx.view(-1, D)
-    dh2 = _as_rows(dh, D) if dh is not None else dy2
+    dh2 = as_rows(dh, D) if dh is not None else dy2
     block_m, block_d, num_warps = _config(D)
     n_tiles = triton.cdiv(rows, block_m)
-    n_programs = _persistent_programs(x, n_tiles) if rows > 0 else 0
+    n_programs = persistent_programs(x, n_tiles) if rows > 0 else 0
     partial = torch.empty((n_programs if compute_dw else 0, D), dtype=torch.float32, device=x.device)
     if rows > 0:
         _rms_norm_bwd_kernel[(n_programs,)](
@@ -272,9 +232,6 @@ def _rms_norm_bwd_impl(
     return dx, dw
 
 
-_rms_norm_bwd = torch.library.custom_op("themis_engine::rms_norm_bwd", _rms_norm_bwd_impl, mutates_args=())
-
-
 @_rms_norm_bwd.register_fake
 def _(dy, dh, x, weight, rstd, compute_dw):
     return x.new_empty(x.shape), weight.new_empty(weight.shape if compute_dw else (0,))
@@ -286,32 +243,28 @@ def _(dy, dh, x, weight, rstd, compute_dw):
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        y, rstd = _call(torch.ops.themis_engine.rms_norm_fwd, _rms_norm_fwd_impl, x, weight, eps)
+        y, rstd = _rms_norm_fwd(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = _call(
-            torch.ops.themis_engine.rms_norm_bwd, _rms_norm_bwd_impl, dy, None, x, weight, rstd, ctx.needs_input_grad[1]
-        )
+        dx, dw = _rms_norm_bwd(dy, None, x, weight, rstd, ctx.needs_input_grad[1])
         return dx, (dw if ctx.needs_input_grad[1] else None), None
 
 
 class _AddRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps):
-        y, h, rstd = _call(torch.ops.themis_engine.add_rms_norm_fwd, _add_rms_norm_fwd_impl, x, residual, weight, eps)
+        y, h, rstd = _add_rms_norm_fwd(x, residual, weight, eps)
         ctx.save_for_backward(h, weight, rstd)
         return y, h
 
     @staticmethod
     def backward(ctx, dy, dh):
         h, weight, rstd = ctx.saved_tensors
-        dx, dw = _call(
-            torch.ops.themis_engine.rms_norm_bwd, _rms_norm_bwd_impl, dy, dh, h, weight, rstd, ctx.needs_input_grad[2]
-        )
+        dx, dw = _rms_norm_bwd(dy, dh, h, weight, rstd, ctx.needs_input_grad[2])
         # d/dx and d/dresidual of h = x + residual are the same tensor
         return dx, dx, (dw if ctx.needs_input_grad[2] else None), None
 
@@ -327,3 +280,12 @@ def rms_norm(
             f"rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}"
         )
     return _AddRMSNorm.apply(x, residual, weight, float(eps))
+
+
+
+def score_head(
+    hidden: torch.Tensor, score_index: torch.Tensor, norm_weight: torch.Tensor, head_weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Final RMSNorm at the score rows and the reward head: F.linear(rms_norm(hidden[score_index]),
+    head_weight), the norm in this module's kernel; see reference.score_head."""
+    return F.linear(rms_norm(hidden[score_index], norm_weight, eps), head_weight)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from themis_engine.kernels.rmsnorm_kernel import _call, _persistent_programs
+from themis_engine.kernels._utils import custom_op, num_warps_for, persistent_programs, rowmajor
 
 __all__ = ["rope", "qk_norm_rope"]
 
@@ -35,9 +35,7 @@ def _config(T_unused: int, H: int, half: int) -> tuple[int, int, int, int]:
     block_half = triton.next_power_of_2(half)
     block_h = triton.next_power_of_2(H)
     block_t = max(1, min(64, _TILE_PAIRS // (block_h * block_half)))
-    elems = 2 * block_t * block_h * block_half
-    num_warps = 4 if elems <= 2048 else 8 if elems <= 8192 else 16
-    return block_t, block_h, block_half, num_warps
+    return block_t, block_h, block_half, num_warps_for(2 * block_t * block_h * block_half)
 
 
 def _check(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -50,7 +48,7 @@ def _check(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor) 
         raise ValueError(f"rope: position_ids of shape {tuple(position_ids.shape)} for {T} tokens")
     if inv_freq.shape != (D // 2,):
         raise ValueError(f"rope: inv_freq of shape {tuple(inv_freq.shape)} for head dim {D}")
-    return x if x.stride(-1) == 1 else x.contiguous()
+    return rowmajor(x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,13 +243,11 @@ def _launch_rope(x: torch.Tensor, position_ids, inv_freq, attention_scaling: flo
     return y
 
 
-def _rope_fwd_impl(
+@custom_op("rope_fwd")
+def _rope_fwd(
     x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float
 ) -> torch.Tensor:
     return _launch_rope(_check(x, position_ids, inv_freq), position_ids, inv_freq, attention_scaling, False)
-
-
-_rope_fwd = torch.library.custom_op("themis_engine::rope_fwd", _rope_fwd_impl, mutates_args=())
 
 
 @_rope_fwd.register_fake
@@ -259,13 +255,11 @@ def _(x, position_ids, inv_freq, attention_scaling):
     return x.new_empty(x.shape)
 
 
-def _rope_bwd_impl(
+@custom_op("rope_bwd")
+def _rope_bwd(
     dy: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float
 ) -> torch.Tensor:
     return _launch_rope(_check(dy, position_ids, inv_freq), position_ids, inv_freq, attention_scaling, True)
-
-
-_rope_bwd = torch.library.custom_op("themis_engine::rope_bwd", _rope_bwd_impl, mutates_args=())
 
 
 @_rope_bwd.register_fake
@@ -273,7 +267,8 @@ def _(dy, position_ids, inv_freq, attention_scaling):
     return dy.new_empty(dy.shape)
 
 
-def _qk_norm_rope_fwd_impl(
+@custom_op("qk_norm_rope_fwd")
+def _qk_norm_rope_fwd(
     x: torch.Tensor,
     norm_weight: torch.Tensor,
     eps: float,
@@ -303,9 +298,6 @@ def _qk_norm_rope_fwd_impl(
     return y, rstd
 
 
-_qk_norm_rope_fwd = torch.library.custom_op("themis_engine::qk_norm_rope_fwd", _qk_norm_rope_fwd_impl, mutates_args=())
-
-
 @_qk_norm_rope_fwd.register_fake
 def _(x, norm_weight, eps, position_ids, inv_freq, attention_scaling):
     T, H, _ = x.shape
@@ -313,7 +305,8 @@ def _(x, norm_weight, eps, position_ids, inv_freq, attention_scaling):
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((T, H), dtype=torch.float32)
 
 
-def _qk_norm_rope_bwd_impl(
+@custom_op("qk_norm_rope_bwd")
+def _qk_norm_rope_bwd(
     dout: torch.Tensor,
     x: torch.Tensor,
     norm_weight: torch.Tensor,
@@ -325,12 +318,12 @@ def _qk_norm_rope_bwd_impl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dweight); dweight is empty when not compute_dw."""
     x = _check(x, position_ids, inv_freq)
-    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    dout = rowmajor(dout)
     T, H, D = x.shape
     dx = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
     block_t, block_h, block_half, num_warps = _config(T, H, D // 2)
     n_tiles = triton.cdiv(T, block_t)
-    n_programs = _persistent_programs(x, n_tiles) if T > 0 and H > 0 else 0
+    n_programs = persistent_programs(x, n_tiles) if T > 0 and H > 0 else 0
     partial = torch.empty((n_programs if compute_dw else 0, D), dtype=torch.float32, device=x.device)
     if n_programs > 0:
         _qk_norm_rope_bwd_kernel[(n_programs,)](
@@ -352,9 +345,6 @@ def _qk_norm_rope_bwd_impl(
     return dx, dw
 
 
-_qk_norm_rope_bwd = torch.library.custom_op("themis_engine::qk_norm_rope_bwd", _qk_norm_rope_bwd_impl, mutates_args=())
-
-
 @_qk_norm_rope_bwd.register_fake
 def _(dout, x, norm_weight, rstd, position_ids, inv_freq, attention_scaling, compute_dw):
     return x.new_empty(x.shape), norm_weight.new_empty(norm_weight.shape if compute_dw else (0,))
@@ -368,22 +358,19 @@ class _Rope(torch.autograd.Function):
     def forward(ctx, x, position_ids, inv_freq, attention_scaling):
         ctx.save_for_backward(position_ids, inv_freq)
         ctx.attention_scaling = attention_scaling
-        return _call(torch.ops.themis_engine.rope_fwd, _rope_fwd_impl, x, position_ids, inv_freq, attention_scaling)
+        return _rope_fwd(x, position_ids, inv_freq, attention_scaling)
 
     @staticmethod
     def backward(ctx, dy):
         position_ids, inv_freq = ctx.saved_tensors
-        dx = _call(torch.ops.themis_engine.rope_bwd, _rope_bwd_impl, dy, position_ids, inv_freq, ctx.attention_scaling)
+        dx = _rope_bwd(dy, position_ids, inv_freq, ctx.attention_scaling)
         return dx, None, None, None
 
 
 class _QKNormRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, eps, position_ids, inv_freq, attention_scaling):
-        y, rstd = _call(
-            torch.ops.themis_engine.qk_norm_rope_fwd, _qk_norm_rope_fwd_impl,
-            x, norm_weight, eps, position_ids, inv_freq, attention_scaling,
-        )
+        y, rstd = _qk_norm_rope_fwd(x, norm_weight, eps, position_ids, inv_freq, attention_scaling)
         ctx.save_for_backward(x, norm_weight, rstd, position_ids, inv_freq)
         ctx.attention_scaling = attention_scaling
         return y
@@ -392,10 +379,8 @@ class _QKNormRope(torch.autograd.Function):
     def backward(ctx, dout):
         x, norm_weight, rstd, position_ids, inv_freq = ctx.saved_tensors
         compute_dw = ctx.needs_input_grad[1]
-        dx, dw = _call(
-            torch.ops.themis_engine.qk_norm_rope_bwd, _qk_norm_rope_bwd_impl,
-            dout, x, norm_weight, rstd, position_ids, inv_freq, ctx.attention_scaling, compute_dw,
-        )
+        dx, dw = _qk_norm_rope_bwd(dout, x, norm_weight, rstd, position_ids, inv_freq, ctx.attention_scaling,
+                                   compute_dw)
         return dx, (dw if compute_dw else None), None, None, None, None
 
 

@@ -10,7 +10,8 @@ saved) and does its math in float32:
 
 gate and up are [..., N] with a contiguous last dim and any row stride, so the two halves of a fused
 gate_up projection (gate_up[..., :N], gate_up[..., N:]) are read in place. Tiles of
-BLOCK_M rows x BLOCK_N columns, one per program, on a 2-D grid (rows on axis 0).
+BLOCK_M rows x BLOCK_N columns, one per program, on a 2-D grid (rows on axis 0). Custom ops
+`themis::swiglu_fwd` / `themis::swiglu_bwd` (+ fakes), glued by the autograd Function `_SwiGLU`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from themis_engine.kernels.rmsnorm_kernel import _call
+from themis_engine.kernels._utils import as_rows, custom_op, num_warps_for, row_tile
 
 __all__ = ["swiglu"]
 
@@ -27,19 +28,9 @@ _TILE_ELEMS = 4096
 
 
 def _config(N: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps)."""
-    block_n = min(triton.next_power_of_2(N), 2048)
-    block_m = max(1, min(64, _TILE_ELEMS // block_n))
-    tile = block_m * block_n
-    num_warps = 4 if tile <= 2048 else 8
-    return block_m, block_n, num_warps
-
-
-def _as_rows(t: torch.Tensor, N: int) -> torch.Tensor:
-    t2 = t.reshape(-1, N)
-    if t2.stride(-1) != 1:
-        t2 = t2.contiguous()
-    return t2
+    """(BLOCK_M, BLOCK_N, num_warps); wide rows are split over grid axis 1 in BLOCK_N <= 2048."""
+    block_m, block_n = row_tile(N, _TILE_ELEMS, max_block_cols=2048)
+    return block_m, block_n, num_warps_for(block_m * block_n, max_warps=8)
 
 
 @triton.jit
@@ -88,13 +79,14 @@ def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
 
 
-def _swiglu_fwd_impl(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+@custom_op("swiglu_fwd")
+def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _check(gate, up)
     N = gate.shape[-1]
     out = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
     if out.numel() == 0:
         return out
-    g2, u2, o2 = _as_rows(gate, N), _as_rows(up, N), out.view(-1, N)
+    g2, u2, o2 = as_rows(gate, N), as_rows(up, N), out.view(-1, N)
     rows = g2.shape[0]
     block_m, block_n, num_warps = _config(N)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(N, block_n))
@@ -105,22 +97,20 @@ def _swiglu_fwd_impl(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-_swiglu_fwd = torch.library.custom_op("themis_engine::swiglu_fwd", _swiglu_fwd_impl, mutates_args=())
-
-
 @_swiglu_fwd.register_fake
 def _(gate, up):
     return gate.new_empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype))
 
 
-def _swiglu_bwd_impl(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+@custom_op("swiglu_bwd")
+def _swiglu_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check(gate, up)
     N = gate.shape[-1]
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     dup = torch.empty(up.shape, dtype=up.dtype, device=up.device)
     if dgate.numel() == 0:
         return dgate, dup
-    do2, g2, u2 = _as_rows(dout, N), _as_rows(gate, N), _as_rows(up, N)
+    do2, g2, u2 = as_rows(dout, N), as_rows(gate, N), as_rows(up, N)
     dg2, du2 = dgate.view(-1, N), dup.view(-1, N)
     rows = g2.shape[0]
     block_m, block_n, num_warps = _config(N)
@@ -133,9 +123,6 @@ def _swiglu_bwd_impl(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -
     return dgate, dup
 
 
-_swiglu_bwd = torch.library.custom_op("themis_engine::swiglu_bwd", _swiglu_bwd_impl, mutates_args=())
-
-
 @_swiglu_bwd.register_fake
 def _(dout, gate, up):
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
@@ -145,12 +132,12 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return _call(torch.ops.themis_engine.swiglu_fwd, _swiglu_fwd_impl, gate, up)
+        return _swiglu_fwd(gate, up)
 
     @staticmethod
     def backward(ctx, dout):
         gate, up = ctx.saved_tensors
-        dgate, dup = _call(torch.ops.themis_engine.swiglu_bwd, _swiglu_bwd_impl, dout, gate, up)
+        dgate, dup = _swiglu_bwd(dout, gate, up)
         return dgate, dup
 
 

@@ -316,7 +316,7 @@ def environ(name: str) -> str:
     """The value of the environment variable `name` (one of ENVIRONMENT), stripped and lower-cased
     where it has choices, or its default; a value outside its choices is a ConfigError naming both."""
     var = ENVIRONMENT[name]
-    value = os.environ.get(name, var.default).strip()
+    value = os.environ.get(name, "").strip() or var.default  # set but empty: the default
     if var.choices is None:
         return value
     value = value.lower()

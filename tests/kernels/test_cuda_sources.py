@@ -1,6 +1,8 @@
-"""The CUDA scoring kernels (csrc/cuda): they compile with plain nvcc (where nvcc is installed),
-their reference math is the engine's own composition (CPU), and on a GPU (marked) each kernel
-matches its reference on awkward shapes and its torch.library op traces."""
+"""The CUDA extension backend (csrc/cuda, kernels/cuda_ext.py): the sources compile with plain nvcc
+(where nvcc is installed); the dispatch picks the backend only under THEMIS_KERNELS=cuda, for
+bfloat16 CUDA tensors in inference (CPU: the decision itself); the ops' references are the engine's
+own path (CPU); and on a GPU (marked) each kernel matches its reference on awkward shapes and its
+custom op traces."""
 
 from __future__ import annotations
 
@@ -8,13 +10,15 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import assert_2x_rule, eps_floor
 
 from themis_engine import kernels
-from themis_engine.kernels.cuda_ext import add_rmsnorm_reference, score_head_reference
+from themis_engine.kernels import reference
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc" / "cuda"
@@ -37,46 +41,86 @@ def test_cuda_sources_have_no_torch_headers():
 
 
 def test_package_import_does_not_load_the_extension():
-    code = "import sys, themis_engine, themis_engine.model.fp8, themis_engine.model.offload; print('themis_engine.kernels.cuda_ext' in sys.modules)"
+    code = ("import sys, themis_engine, themis_engine.model.fp8, themis_engine.model.offload; "
+            "print('themis_engine.kernels.cuda_ext' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
 
+# ------------------------------------------------------------------ the dispatch (CPU)
+def _cuda_like(dtype=torch.bfloat16):
+    """What backend_for reads of a tensor (is_cuda, dtype), for a CUDA tensor on a machine without one."""
+    return SimpleNamespace(is_cuda=True, dtype=dtype)
+
+
+def test_cuda_backend_only_on_explicit_request_for_bf16_inference(themis_kernels):
+    x = _cuda_like()
+    for requested in ("auto", "triton", "reference"):
+        themis_kernels(requested)
+        with torch.no_grad():
+            assert kernels.backend_for("score_head", x) != "cuda", requested
+            assert kernels.backend_for("add_rms_norm", x) != "cuda", requested
+    themis_kernels("cuda")
+    with torch.no_grad():
+        assert kernels.backend_for("score_head", x) == "cuda"
+        assert kernels.backend_for("add_rms_norm", x) == "cuda"
+        assert kernels.backend_for("rms_norm", x) == "triton"  # no residual: not a CUDA-extension op
+        assert kernels.backend_for("attention", x) == "triton"  # the rest as under auto
+        assert kernels.backend_for("bt_loss", x) == "reference"
+        assert kernels.backend_for("score_head", _cuda_like(torch.float16)) == "triton"
+        assert kernels.backend_for("score_head", torch.zeros(2, 4, dtype=torch.bfloat16)) == "reference"  # CPU
+        from themis_engine.kernels import cuda_ext
+
+        assert kernels.implementation("score_head", x) is cuda_ext.score_head
+        assert kernels.implementation("add_rms_norm", x) is cuda_ext.add_rms_norm
+    # grad mode on: the extension has no backward, the Triton kernels serve
+    assert kernels.backend_for("score_head", x) == "triton"
+    assert kernels.backend_for("add_rms_norm", x) == "triton"
+
+
+def test_themis_kernels_is_validated(themis_kernels):
+    themis_kernels("cudnn")
+    with pytest.raises(ValueError, match="THEMIS_KERNELS='cudnn': must be one of"):
+        kernels.backend_for("rms_norm", torch.zeros(2))
+    themis_kernels("auto")
+    with pytest.raises(ValueError, match="unknown op"):
+        kernels.backend_for("layer_norm", torch.zeros(2))
+
+
 # ------------------------------------------------------------------ reference math (CPU)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("T,D,N,H", [(17, 64, 5, 5), (40, 59, 1, 3), (9, 128, 9, 1)])
-def test_score_head_reference_is_the_engine_path(T, D, N, H):
-    """In float32 the reference is exactly what RewardModel.forward computes after the blocks:
-    score(norm(h[score_index])); in bf16 it differs only by the head's output rounding."""
+def test_score_head_is_the_engine_path(themis_kernels, backend, T, D, N, H):
+    """kernels.score_head is exactly what RewardModel.forward computes after the blocks,
+    score(norm(h[score_index])) = F.linear(kernels.rms_norm(h[score_index]), score.weight), bit for
+    bit, on either backend; and reference.score_head is that composition of the references."""
+    themis_kernels(backend)
     g = torch.Generator().manual_seed(T * D)
     hidden = torch.randn(T, D, generator=g) * 3
     idx = torch.randint(0, T, (N,), generator=g)
     w = 1 + 0.2 * torch.randn(D, generator=g)
     head = torch.randn(H, D, generator=g) * D**-0.5
     eps = 1e-6
-    engine = F.linear(kernels.reference.rms_norm(hidden[idx], w, eps), head)
-    assert torch.allclose(score_head_reference(hidden, idx, w, head, eps), engine, rtol=1e-5, atol=1e-6)
-    bf = [t.to(torch.bfloat16) for t in (hidden, w, head)]
-    ref_bf = score_head_reference(bf[0], idx, bf[1], bf[2], eps)
-    eng_bf = F.linear(kernels.reference.rms_norm(bf[0][idx], bf[1], eps), bf[2]).float()
-    assert ref_bf.dtype == torch.float32
-    assert torch.allclose(ref_bf, eng_bf, rtol=2**-7, atol=1e-3)  # the engine rounds the [N, H] result to bf16
+    engine = F.linear(kernels.rms_norm(hidden[idx], w, eps), head)
+    assert kernels.backend_for("score_head", hidden) == backend
+    assert torch.equal(kernels.score_head(hidden, idx, w, head, eps), engine)
+    assert torch.equal(reference.score_head(hidden, idx, w, head, eps),
+                       F.linear(reference.rms_norm(hidden[idx], w, eps), head))
 
 
 @pytest.mark.parametrize("shape", [(3, 64), (2, 5, 59), (1, 4096)])
-def test_add_rmsnorm_reference_rounding_order(shape):
-    """h = x + r rounded to bf16; y = bf16(w * bf16(h * rstd)) with rstd in float32 of the rounded h."""
+def test_add_rms_norm_reference_rounding_order(shape):
+    """h = x + r rounded to bf16; y = bf16(w * bf16(h * rstd)) with rstd in float32 of the rounded h:
+    the contract the add_rmsnorm kernel implements."""
     g = torch.Generator().manual_seed(shape[-1])
     x, r = (torch.randn(shape, generator=g).to(torch.bfloat16) for _ in range(2))
     w = (1 + 0.2 * torch.randn(shape[-1], generator=g)).to(torch.bfloat16)
-    y, h = add_rmsnorm_reference(x, r, w, 1e-6)
+    y, h = reference.rms_norm(x, w, 1e-6, r)
     assert h.dtype == y.dtype == torch.bfloat16
     assert torch.equal(h, (x.float() + r.float()).to(torch.bfloat16))
     hf = h.float()
     normed = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
     assert torch.equal(y, (w.float() * normed.float()).to(torch.bfloat16))
-    # and it is the op the decoder block calls
-    y2, h2 = kernels.reference.rms_norm(x, w, 1e-6, r)
-    assert torch.equal(y, y2) and torch.equal(h, h2)
 
 
 # ------------------------------------------------------------------ the kernels (GPU)
@@ -85,6 +129,12 @@ def ops():
     from themis_engine.kernels import cuda_ext
 
     return cuda_ext.load()
+
+
+def _raw_score_head_reference(hidden, idx, w, head, eps):
+    """The raw kernel's contract, float32 [N, H]: reference.rms_norm at the score rows in hidden's
+    dtype, then the head's dot products in float32, not rounded to bf16 (the op rounds them)."""
+    return reference.rms_norm(hidden[idx], w, eps).float() @ head.float().T
 
 
 def _ideal_score_head(hidden, idx, w, head, eps):
@@ -110,14 +160,19 @@ def test_gpu_score_head_matches_reference(ops, T, D, N, H):
     assert out.shape == (N, H) and out.dtype == torch.float32
     if N == 0:
         return
-    ref = score_head_reference(hidden, idx, w, head, 1e-6)
+    ref = _raw_score_head_reference(hidden, idx, w, head, 1e-6)
     ideal = _ideal_score_head(hidden, idx, w, head, 1e-6)
     # the kernel's error vs the ideal is at most ~2x the bf16 reference's own (same roundings, a
     # different rstd ulp and summation order), plus float32 accumulation noise
-    err_kernel = (out.double() - ideal).abs().max().item()
-    err_ref = (ref.double() - ideal).abs().max().item()
-    assert err_kernel <= 2 * err_ref + 1e-5 * ideal.abs().max().item(), (err_kernel, err_ref)
+    assert_2x_rule("score_head (raw)", out, ref, ideal, rel_floor=1e-5)
     assert torch.allclose(out, ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    # the op (what THEMIS_KERNELS=cuda runs): bf16, against reference.score_head
+    from themis_engine.kernels import cuda_ext
+
+    op_out = cuda_ext.score_head(hidden, idx, w, head, 1e-6)
+    assert op_out.dtype == torch.bfloat16
+    assert_2x_rule("score_head", op_out, reference.score_head(hidden, idx, w, head, 1e-6), ideal,
+                   floor=eps_floor(torch.bfloat16, ideal))
 
 
 @pytest.mark.gpu
@@ -130,7 +185,7 @@ def test_gpu_score_head_strided_and_out_of_range(ops):
     idx = torch.tensor([0, 63, 64, -1, 5], device=dev)
     out = ops.score_head(hidden, idx, w, head, 1e-6)
     ok = torch.tensor([0, 1, 4])
-    ref = score_head_reference(hidden, idx[ok], w, head, 1e-6)
+    ref = _raw_score_head_reference(hidden, idx[ok], w, head, 1e-6)
     assert torch.allclose(out[ok], ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
     assert torch.isnan(out[2]).all() and torch.isnan(out[3]).all()  # rows outside [0, T) give NaN
 
@@ -144,7 +199,7 @@ def test_gpu_add_rmsnorm_matches_reference(ops, shape):
     r = torch.randn(shape, device=dev, generator=g).to(torch.bfloat16)
     w = (1 + 0.2 * torch.randn(shape[-1], device=dev, generator=g)).to(torch.bfloat16)
     y, h = ops.add_rmsnorm(x, r, w, 1e-6)
-    y_ref, h_ref = add_rmsnorm_reference(x, r, w, 1e-6)
+    y_ref, h_ref = reference.rms_norm(x, w, 1e-6, r)
     assert torch.equal(h, h_ref)  # the residual add is exact: one rounding of an exact float32 sum
     # y: bf16 results; a 1-ulp difference of rstd can flip a rounding: a few elements by <= 2 bf16 ulps
     diff = (y.float() - y_ref.float()).abs()
@@ -157,18 +212,44 @@ def test_gpu_add_rmsnorm_matches_reference(ops, shape):
 
 @pytest.mark.gpu
 def test_gpu_ops_trace(ops):
-    """The ops have fake implementations (shapes for torch.compile) and pass torch.library's checks."""
+    """The themis:: ops have fake implementations (shapes for torch.compile) and pass torch.library's
+    checks."""
+    from themis_engine.kernels import cuda_ext
+
     dev = torch.device("cuda")
     hidden = torch.randn(40, 256, device=dev).to(torch.bfloat16)
     idx = torch.tensor([3, 39], device=dev)
     w = torch.ones(256, device=dev, dtype=torch.bfloat16)
     head = torch.randn(5, 256, device=dev).to(torch.bfloat16)
-    torch.library.opcheck(torch.ops.themis_cuda.score_head.default, (hidden, idx, w, head, 1e-6),
+    torch.library.opcheck(torch.ops.themis.score_head_cuda.default, (hidden, idx, w, head, 1e-6),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.themis_cuda.add_rmsnorm.default, (hidden, hidden.clone(), w, 1e-6),
+    torch.library.opcheck(torch.ops.themis.add_rms_norm_cuda.default, (hidden, hidden.clone(), w, 1e-6),
                           test_utils=("test_schema", "test_faketensor"))
-    f = torch.compile(lambda a, b: ops.add_rmsnorm(a, b, w, 1e-6)[0] * 2, fullgraph=True)
+    f = torch.compile(lambda a, b: cuda_ext.add_rms_norm(a, w, 1e-6, b)[0] * 2, fullgraph=True)
     assert torch.equal(f(hidden, hidden), ops.add_rmsnorm(hidden, hidden, w, 1e-6)[0] * 2)
+
+
+@pytest.mark.gpu
+def test_gpu_dispatch_runs_the_extension(ops, themis_kernels):
+    """THEMIS_KERNELS=cuda in inference: kernels.score_head and kernels.rms_norm(residual=) run the
+    extension and agree with their references (the ops of RewardModel.forward and the blocks)."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(5)
+    hidden = torch.randn(300, 1024, device=dev, generator=g).to(torch.bfloat16)
+    r = torch.randn(300, 1024, device=dev, generator=g).to(torch.bfloat16)
+    idx = torch.tensor([0, 17, 299], device=dev)
+    w = (1 + 0.2 * torch.randn(1024, device=dev, generator=g)).to(torch.bfloat16)
+    head = (torch.randn(5, 1024, device=dev, generator=g) * 1024**-0.5).to(torch.bfloat16)
+    themis_kernels("cuda")
+    with torch.inference_mode():
+        assert kernels.backend_for("score_head", hidden) == "cuda"
+        got = kernels.score_head(hidden, idx, w, head, 1e-6)
+        y, h = kernels.rms_norm(hidden, w, 1e-6, r)
+    ideal = _ideal_score_head(hidden, idx, w, head, 1e-6)
+    assert_2x_rule("score_head", got, reference.score_head(hidden, idx, w, head, 1e-6), ideal,
+                   floor=eps_floor(torch.bfloat16, ideal))
+    assert torch.equal(h, reference.rms_norm(hidden, w, 1e-6, r)[1])
+    assert torch.equal(y, ops.add_rmsnorm(hidden, r, w, 1e-6)[0])
 
 
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):

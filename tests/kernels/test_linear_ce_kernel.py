@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import assert_2x_rule, assert_close
 
 from themis_engine.kernels import linear_ce_kernel, reference
 from themis_engine.kernels.linear_ce_kernel import linear_cross_entropy
@@ -35,17 +36,6 @@ def _run(fn, hidden, weight, labels, ignore_index=-100, normalizer=None, upcast=
     return loss, h.grad, w.grad
 
 
-def _close(actual, expected, rtol, what=""):
-    """max |a - e| <= rtol * max |e| (max-norm relative); no NaN / inf anywhere."""
-    a = actual.detach().double().cpu()
-    e = expected.detach().double().cpu()
-    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-    assert torch.isfinite(a).all(), f"{what}: non-finite kernel output"
-    err = (a - e).abs().max().item() if a.numel() else 0.0
-    scale = e.abs().max().item() if e.numel() else 0.0
-    assert err <= rtol * scale + 1e-30, f"{what}: max err {err:.3e} > {rtol:.0e} * {scale:.3e}"
-
-
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force chunks of at most `rows` rows (the default budget would hold these T in one chunk)."""
@@ -70,9 +60,9 @@ def test_matches_reference_fp32(device, small_chunks, T, V, D, chunk):
     ref, rdh, rdw = _run(reference.linear_cross_entropy, hidden, weight, labels, upcast=True)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert dh.dtype == hidden.dtype and dw.dtype == weight.dtype
-    _close(loss, ref, 1e-5, "loss")
-    _close(dh, rdh, 1e-5, "d hidden")
-    _close(dw, rdw, 1e-5, "d weight")
+    assert_close(loss, ref, 1e-5, "loss")
+    assert_close(dh, rdh, 1e-5, "d hidden")
+    assert_close(dw, rdw, 1e-5, "d weight")
 
 
 def test_fp16_inputs(device, small_chunks):
@@ -87,10 +77,7 @@ def test_fp16_inputs(device, small_chunks):
 
     base, bdh, bdw = _run(unfused, hidden, weight, labels)
     for name, a, b, e in (("loss", loss, base, ref), ("d hidden", dh, bdh, rdh), ("d weight", dw, bdw, rdw)):
-        err = (a.double().cpu() - e.cpu()).abs().max().item()
-        base_err = (b.double().cpu() - e.cpu()).abs().max().item()
-        scale = e.abs().max().item()
-        assert err <= 2 * base_err + 1e-6 * scale, f"{name}: {err:.3e} vs unfused fp16 {base_err:.3e}"
+        assert_2x_rule(name, a, b, e, rel_floor=1e-6)  # 2x the unfused fp16 baseline's error
 
 
 def test_all_ignored(device, small_chunks):
@@ -101,7 +88,7 @@ def test_all_ignored(device, small_chunks):
     ref, rdh, rdw = _run(reference.linear_cross_entropy, hidden, weight, labels, upcast=True)
     assert loss.item() == 0.0 and not torch.isnan(loss)
     assert (dh == 0).all() and (dw == 0).all()
-    _close(loss, ref, 1e-5)
+    assert_close(loss, ref, 1e-5)
 
 
 def test_other_ignore_index_and_upstream_grad(device):
@@ -109,9 +96,9 @@ def test_other_ignore_index_and_upstream_grad(device):
     labels[::4] = 7  # class 7 is the ignored one here
     loss, dh, dw = _run(linear_cross_entropy, hidden, weight, labels, ignore_index=7, grad_scale=2.5)
     ref, rdh, rdw = _run(reference.linear_cross_entropy, hidden, weight, labels, 7, upcast=True, grad_scale=2.5)
-    _close(loss, ref, 1e-5, "loss")
-    _close(dh, rdh, 1e-5, "d hidden")
-    _close(dw, rdw, 1e-5, "d weight")
+    assert_close(loss, ref, 1e-5, "loss")
+    assert_close(dh, rdh, 1e-5, "d hidden")
+    assert_close(dw, rdw, 1e-5, "d weight")
 
 
 def test_micro_batches_with_global_normalizer(device, small_chunks):
@@ -122,13 +109,13 @@ def test_micro_batches_with_global_normalizer(device, small_chunks):
     cut = 23
     l1, dh1, dw1 = _run(linear_cross_entropy, hidden[:cut], weight, labels[:cut], normalizer=total)
     l2, dh2, dw2 = _run(linear_cross_entropy, hidden[cut:], weight, labels[cut:], normalizer=total)
-    _close(l1 + l2, whole, 1e-6, "loss")
-    _close(torch.cat([dh1, dh2]), dh, 1e-6, "d hidden")
-    _close(dw1 + dw2, dw, 1e-6, "d weight")
+    assert_close(l1 + l2, whole, 1e-6, "loss")
+    assert_close(torch.cat([dh1, dh2]), dh, 1e-6, "d hidden")
+    assert_close(dw1 + dw2, dw, 1e-6, "d weight")
     ref, rdh, rdw = _run(reference.linear_cross_entropy, hidden[:cut], weight, labels[:cut], -100, total, True)
-    _close(l1, ref, 1e-5, "loss")
-    _close(dh1, rdh, 1e-5, "d hidden")
-    _close(dw1, rdw, 1e-5, "d weight")
+    assert_close(l1, ref, 1e-5, "loss")
+    assert_close(dh1, rdh, 1e-5, "d hidden")
+    assert_close(dw1, rdw, 1e-5, "d weight")
 
 
 def test_large_logits_stable(device):
@@ -137,9 +124,9 @@ def test_large_logits_stable(device):
     loss, dh, dw = _run(linear_cross_entropy, hidden, weight, labels)
     ref, rdh, rdw = _run(reference.linear_cross_entropy, hidden, weight, labels, upcast=True)
     assert ref.item() > 100
-    _close(loss, ref, 1e-5, "loss")
-    _close(dh, rdh, 1e-5, "d hidden")
-    _close(dw, rdw, 1e-5, "d weight")
+    assert_close(loss, ref, 1e-5, "loss")
+    assert_close(dh, rdh, 1e-5, "d hidden")
+    assert_close(dw, rdw, 1e-5, "d weight")
 
 
 def test_frozen_weight_and_no_grad(device):
@@ -147,11 +134,11 @@ def test_frozen_weight_and_no_grad(device):
     h = hidden.clone().requires_grad_()
     linear_cross_entropy(h, weight, labels).backward()
     _, rdh, _ = _run(reference.linear_cross_entropy, hidden, weight, labels, upcast=True)
-    _close(h.grad, rdh, 1e-5, "d hidden")
+    assert_close(h.grad, rdh, 1e-5, "d hidden")
     with torch.no_grad():
         loss = linear_cross_entropy(h, weight, labels)
     assert not loss.requires_grad
-    _close(loss, reference.linear_cross_entropy(hidden.double(), weight.double(), labels), 1e-5)
+    assert_close(loss, reference.linear_cross_entropy(hidden.double(), weight.double(), labels), 1e-5)
 
 
 def test_custom_op_checks(device):
@@ -167,9 +154,9 @@ def test_torch_compile_traces(device):
     compiled = torch.compile(linear_cross_entropy, backend="aot_eager", fullgraph=True)
     loss, dh, dw = _run(lambda h, w, lab, ii, n: compiled(h, w, lab, ii, n), hidden, weight, labels)
     ref, rdh, rdw = _run(reference.linear_cross_entropy, hidden, weight, labels, upcast=True)
-    _close(loss, ref, 1e-5, "loss")
-    _close(dh, rdh, 1e-5, "d hidden")
-    _close(dw, rdw, 1e-5, "d weight")
+    assert_close(loss, ref, 1e-5, "loss")
+    assert_close(dh, rdh, 1e-5, "d hidden")
+    assert_close(dw, rdw, 1e-5, "d weight")
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,11 +179,7 @@ def test_gpu_realistic_bf16(D):
     base, bdh, bdw = _run(unfused, hidden, weight, labels)
     ref, rdh, rdw = _run(reference.linear_cross_entropy, hidden, weight, labels, upcast=True)
     for name, a, b, e in (("loss", loss, base, ref), ("d hidden", dh, bdh, rdh), ("d weight", dw, bdw, rdw)):
-        assert torch.isfinite(a).all()
-        err = (a.double() - e).abs().max().item()
-        base_err = (b.double() - e).abs().max().item()
-        scale = e.abs().max().item()
-        assert err <= 2 * base_err + 1e-5 * scale, f"{name}: {err:.3e} vs unfused bf16 {base_err:.3e}"
+        assert_2x_rule(name, a, b, e, rel_floor=1e-5)  # 2x the unfused bf16 baseline's error
 
 
 @pytest.mark.gpu
@@ -205,9 +188,9 @@ def test_gpu_fp32_medium():
     hidden, weight, labels = _make(1024, 32000, 1024, device, seed=9)
     loss, dh, dw = _run(linear_cross_entropy, hidden, weight, labels)
     ref, rdh, rdw = _run(reference.linear_cross_entropy, hidden, weight, labels, upcast=True)
-    _close(loss, ref, 1e-5, "loss")
-    _close(dh, rdh, 1e-5, "d hidden")
-    _close(dw, rdw, 1e-5, "d weight")
+    assert_close(loss, ref, 1e-5, "loss")
+    assert_close(dh, rdh, 1e-5, "d hidden")
+    assert_close(dw, rdw, 1e-5, "d weight")
 
 
 def test_out_of_range_label_is_an_error_naming_the_row():

@@ -5,16 +5,27 @@ GPU tests (marked) check the torch._scaled_mm path against the dequantized refer
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import make_checkpoint
 
 import themis_engine as te
+from themis_engine.model.fp8 import (
+    FP8_TARGETS,
+    FP8Linear,
+    QuantReport,
+    dequantize_weight,
+    fp8_backend,
+    quantize_model,
+    quantize_rows,
+    quantize_weight,
+    quantized_modules,
+)
 from themis_engine.packing import planner as packing
-from themis_engine.model.fp8 import FP8_TARGETS, FP8Linear, QuantReport, dequantize_weight, fp8_backend, quantize_model, quantize_rows, quantize_weight, quantized_modules
-from helpers import make_checkpoint
 
 E4M3 = torch.float8_e4m3fn
 
@@ -101,6 +112,24 @@ def test_fp8_linear_cpu_path_is_dequantized_matmul(bias):
     assert y.shape == (2, 5, 24) and torch.equal(y, ref)
     assert (y - lin(x)).abs().max() < 0.1 * lin(x).abs().max()
     assert "float8_e4m3fn" in repr(q)
+
+
+def test_fp8_backend_asks_the_kernel_dispatch(monkeypatch):
+    """THEMIS_KERNELS reaches FP8Linear through kernels.backend_for("fp8_matmul", x) only: "reference"
+    or a CPU input keep the dequantized path; on CUDA every other setting allows torch._scaled_mm."""
+    import themis_engine.model.fp8 as quant
+    from themis_engine import kernels
+
+    cuda_like = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    for setting in ("auto", "triton", "cuda", "reference"):
+        monkeypatch.setenv("THEMIS_KERNELS", setting)
+        assert kernels.backend_for("fp8_matmul", torch.zeros(2, 16)) == "reference"
+        assert kernels.backend_for("fp8_matmul", cuda_like) == ("reference" if setting == "reference" else "scaled_mm")
+    monkeypatch.setenv("THEMIS_KERNELS", "auto")
+    asked = []
+    monkeypatch.setattr(quant.kernels, "backend_for", lambda op, x: asked.append(op) or "reference")
+    w = torch.zeros(32, 32, dtype=E4M3)
+    assert fp8_backend(torch.zeros(4, 32), w) == "dequantize" and asked == ["fp8_matmul"]
 
 
 def _emulated_scaled_mm(a, b, scale_a, scale_b, bias=None, scale_result=None, out_dtype=None, use_fast_accum=False):
@@ -336,9 +365,10 @@ def test_gpu_fp8_model_close_to_bf16(root):
 
 
 def test_saving_a_quantized_model_is_refused(tmp_path):
+    from helpers import make_checkpoint
+
     import themis_engine as te
     from themis_engine.model.fp8 import quantize_model
-    from helpers import make_checkpoint
 
     ckpt = make_checkpoint(tmp_path, "q", family="qwen3")
     rm = te.RewardModel.from_pretrained(ckpt)

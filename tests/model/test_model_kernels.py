@@ -7,10 +7,10 @@ import random
 
 import pytest
 import torch
+from helpers import make_checkpoint, random_text
 
 import themis_engine as te
 from themis_engine import kernels
-from helpers import conversation, make_checkpoint, random_text
 
 
 @pytest.fixture(scope="module")

@@ -155,4 +155,4 @@ class RewardModel(nn.Module):
         the stream rows whose rewards are read (the last token of each scored sequence).
         Returns the rewards [N, H] in the model's dtype, one column per criterion."""
         h = self.hidden_states(input_ids, position_ids, meta)
-        return self.score(self.model.norm(h[score_index]))
+        return kernels.score_head(h, score_index, self.model.norm.weight, self.score.weight, self.model.norm.eps)

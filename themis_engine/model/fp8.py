@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from themis_engine import kernels
+
 logger = logging.getLogger("themis_engine")
 
 # the linear layers of a decoder block that get FP8 weights (module paths inside a Block)
@@ -119,10 +121,12 @@ def fp8_matmul_supported(device: torch.device) -> bool:
 
 
 def fp8_backend(x: torch.Tensor, weight_fp8: torch.Tensor) -> str:
-    """How FP8Linear runs on input x: "scaled_mm" (FP8 tensor cores) or "dequantize" (reference)."""
-    if os.environ.get("THEMIS_KERNELS", "auto").strip().lower() == "reference":
+    """How FP8Linear runs on input x: "scaled_mm" (FP8 tensor cores) or "dequantize" (reference).
+    THEMIS_KERNELS is read by kernels.backend_for ("fp8_matmul": "reference" under
+    THEMIS_KERNELS=reference and off CUDA); the card and the weight decide the rest here."""
+    if kernels.backend_for("fp8_matmul", x) != "scaled_mm":
         return "dequantize"
-    if not x.is_cuda or weight_fp8.dtype != torch.float8_e4m3fn:
+    if weight_fp8.dtype != torch.float8_e4m3fn:
         return "dequantize"
     N, K = weight_fp8.shape
     if K % 16 or N % 16 or not fp8_matmul_supported(x.device):  # _scaled_mm needs both dims % 16

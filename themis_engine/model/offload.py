@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from themis_engine import kernels
 from themis_engine.model.decoder import RewardModel
 from themis_engine.packing.batch import SegmentMeta
 
@@ -249,7 +250,8 @@ class StreamedRewardModel(nn.Module):
         """See RewardModel.forward: rewards [N, H] in the model's dtype."""
         h = self.hidden_states(input_ids, position_ids, meta)
         with torch.no_grad():
-            return self.rm.score(self.rm.model.norm(h[score_index]))
+            rm = self.rm
+            return kernels.score_head(h, score_index, rm.model.norm.weight, rm.score.weight, rm.model.norm.eps)
 
 
 def stream_layers(rm: RewardModel, device: torch.device | str | None = None) -> StreamedRewardModel:
