@@ -23,7 +23,6 @@ the reference the tests use. Inference only (no backward through FP8Linear).
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -33,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from themis_engine import kernels
+from themis_engine.config import environ
 
 logger = logging.getLogger("themis_engine")
 
@@ -55,7 +55,9 @@ def fp8_max(dtype: torch.dtype) -> float:
 # --------------------------------------------------------------------------------------------
 # Quantize / dequantize (the reference math; also what quantize_model stores)
 # --------------------------------------------------------------------------------------------
-def quantize_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(
+    weight: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [out, in] (any float dtype) -> (weight_fp8 [out, in] `dtype`, scale [out] float32),
     per output channel: scale = amax / fmax (1.0 for an all-zero row)."""
     if weight.dim() != 2:
@@ -94,7 +96,7 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> 
 def _compiled_quantize_rows():
     """quantize_rows as one fused kernel (torch.compile; no chunking: Inductor's kernel keeps no
     float32 temporary). THEMIS_FP8_COMPILE=0 keeps the eager version."""
-    if os.environ.get("THEMIS_FP8_COMPILE", "1") == "0":
+    if environ("THEMIS_FP8_COMPILE") == "0":
         return quantize_rows
 
     def fused(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn):
@@ -293,7 +295,9 @@ def resolve_fp8_dtype(dtype) -> torch.dtype:
 
 
 @torch.no_grad()
-def quantize_model(rm: nn.Module, dtype: torch.dtype | str = torch.float8_e4m3fn, fast_accum: bool = False) -> QuantReport:
+def quantize_model(
+    rm: nn.Module, dtype: torch.dtype | str = torch.float8_e4m3fn, fast_accum: bool = False
+) -> QuantReport:
     """Replace the linear layers of every decoder block of `rm` (a RewardModel) by FP8Linear, in
     place, one module at a time (the device holds at most one float32 copy of one weight extra).
     dtype: torch.float8_e4m3fn or "fp8". Returns (and logs) a QuantReport."""
