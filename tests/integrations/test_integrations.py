@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from helpers import conversation, make_checkpoint, random_text
+from helpers import conversation, random_text
 
 import themis_engine as te
 from themis_engine.integrations import prompt_runs
@@ -21,8 +21,8 @@ TOL = dict(atol=1e-5, rtol=1e-5)  # float32 on the CPU; packed vs alone differ o
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("integrations"), "rm", family="qwen3", criteria=CRITERIA)
+def ckpt(tiny_rm_dir):
+    return tiny_rm_dir
 
 
 @pytest.fixture(scope="module")
