@@ -18,13 +18,14 @@ import torch
 pytest.importorskip("pyarrow")
 
 from helpers import make_checkpoint, random_text  # noqa: E402
+
 from themis_engine import DEFAULT_CRITERIA, Scorer  # noqa: E402
-from themis_engine.eval import run as crb_eval  # noqa: E402
 from themis_engine.data.prompts import ALL_CRITERIA_PROMPT, CRITERION_PROMPTS  # noqa: E402
+from themis_engine.data.tables import DataError, write_parquet  # noqa: E402
 from themis_engine.eval import read_scores  # noqa: E402
+from themis_engine.eval import run as crb_eval  # noqa: E402
 from themis_engine.eval.partial import PartialStore, ResumeError  # noqa: E402
 from themis_engine.eval.results import compile_results  # noqa: E402
-from themis_engine.data.tables import DataError, write_parquet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PUBLISHED = REPO.parent / "shared" / "data" / "crb-published-results"

@@ -23,10 +23,11 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
+from helpers import conversation, make_checkpoint, random_text  # noqa: E402
+
 import themis_engine as te  # noqa: E402
 from themis_engine.config import parse_args  # noqa: E402
 from themis_engine.serve.app import RewardServer, RewardService, ServeConfig, main  # noqa: E402
-from helpers import conversation, make_checkpoint, random_text  # noqa: E402
 
 CRITERIA = list(te.DEFAULT_CRITERIA)
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -209,7 +210,7 @@ def test_plain_query_format_and_truncation_match_the_scorer(ckpt, offline):
     assert cut.last_report.truncated == 1
     cfg = ServeConfig(model="in-memory", query_format="plain", system="be strict", max_length=160,
                       head="Security_Hardness")
-    server = RewardServer(cfg, scorer=offline)
+    server = RewardServer(cfg, scorer=cut)  # the server scores with this one scorer, at its max_length
     with serving(server) as base:
         body = {"query": [p + r + offline.tokenizer.eos_token for p, r in items], "prompts": [p for p, _ in items]}
         res = httpx.post(base + "/get_reward", json=body)
@@ -255,7 +256,8 @@ def test_health_is_503_until_the_model_is_loaded(offline):
 def test_config_parsing_and_errors(ckpt, offline, capsys):
     cfg = parse_args(ServeConfig, [str(ckpt), "--port", "1234", "--head", "Security_Hardness",
                                    "--max_batch_wait_ms=2.5", "--dtype", "bfloat16"])
-    assert (cfg.model, cfg.port, cfg.head, cfg.max_batch_wait_ms, cfg.dtype) == (str(ckpt), 1234, "Security_Hardness", 2.5, "bfloat16")
+    got = (cfg.model, cfg.port, cfg.head, cfg.max_batch_wait_ms, cfg.dtype)
+    assert got == (str(ckpt), 1234, "Security_Hardness", 2.5, "bfloat16")
     assert cfg.host == "127.0.0.1" and cfg.token_budget == 16384
     assert main([str(ckpt), "--max_length", "100", "--max_tokens_per_batch", "50"]) == 2
     assert "below max_length" in capsys.readouterr().err

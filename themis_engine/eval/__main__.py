@@ -1,4 +1,4 @@
-"""`python -m themis_engine.eval MODEL --data FILE --output DIR` (see themis_engine.eval.run)."""
+"""`python -m themis_engine.eval MODEL --data FILE --output DIR` (see themis_engine.eval)."""
 
 import sys
 

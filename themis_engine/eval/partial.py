@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from themis_engine.fileio import atomic_write
 from themis_engine.errors import ResumeError
+from themis_engine.fileio import atomic_write
 
 FORMAT = 1
 PARTIAL_DIR = "partial"

@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from themis_engine.fileio import atomic_write
 from themis_engine.errors import CompareError
+from themis_engine.fileio import atomic_write
 
 logger = logging.getLogger("themis_engine")
 

@@ -1,18 +1,14 @@
-"""`python -m themis_engine.eval MODEL --data FILE --output DIR`: the CodeRewardBench protocol.
+"""The evaluation run: score every CRB row chunk by chunk, save each chunk, merge the results.
 
-Every row (id, prompt, chosen, rejected, aspect, language, subset) is scored twice, chosen and
-rejected, with the prompt prefix computed once (Scorer.score_pairs); a row is correct when
-score(chosen) > score(rejected) strictly. The outputs are those of the published CRB results
-(evaluation/results.py): results.json and scores.parquet, plus report.md and report.png, and with
-`--compare DIR...` a leaderboard of this run beside other result directories.
-
-    python -m themis_engine.eval path/to/rm --data crb.parquet --output runs/rm --use-aspect-prompts
-    python -m themis_engine.eval path/to/rm --data crb.jsonl --output runs/rm --resume \\
-        --compare ../shared/data/crb-published-results
-    torchrun --nproc_per_node 8 -m themis_engine.eval path/to/rm --data crb.parquet --output runs/rm
+    run(cfg)           evaluate; returns the results.json mapping on rank 0 (None on the others)
+    resolve_heads      the reward head that scores each row (--head)
+    resolve_systems    the system prompt of each row (--use-aspect-prompts, --use-system-prompts)
+    fingerprint        what a row's scores depend on besides the row (checked on --resume)
+    load_scorer        the Scorer of a run (dtype, max_length, on_overflow, token budget)
+    main(argv)         `python -m themis_engine.eval`: 0, or 2 with one line naming the error
 
 Rows are scored in chunks (--chunk-size pairs); each finished chunk is appended to
-OUTPUT/partial/ (evaluation/partial.py), so `--resume` after an interruption scores only the rows
+OUTPUT/partial/ (partial.py), so `--resume` after an interruption scores only the rows
 not yet finished, and the final files equal those of a run that was never interrupted. Under
 torchrun (WORLD_SIZE > 1) row i belongs to rank i % WORLD_SIZE, each rank scores on its own
 device (cuda:LOCAL_RANK where CUDA is present) and appends to its own partial file, and rank 0
@@ -22,70 +18,39 @@ file system every node sees.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal, Optional
+from typing import TYPE_CHECKING
 
 import torch
 
 from themis_engine import distributed
-from themis_engine.config import ConfigError, option, parse_args
 from themis_engine.data.prompts import CriteriaPrompts
+from themis_engine.data.schemas import CRBRow as Pair
+from themis_engine.data.schemas import load_crb_rows as load_pairs
+from themis_engine.errors import (
+    CheckpointError,
+    CompareError,
+    ConfigError,
+    DataError,
+    EvalError,
+    InputError,
+    ResumeError,
+)
 from themis_engine.eval import report as reporting
-from themis_engine.eval.partial import PartialStore, ResumeError, row_hash
+from themis_engine.eval.config import DTYPES, EvalConfig, parse
+from themis_engine.eval.partial import PartialStore, row_hash
 from themis_engine.eval.results import compile_results, write_results_json, write_scores_parquet
-from themis_engine.data.schemas import CRBRow as Pair, load_crb_rows as load_pairs
-from themis_engine.errors import EvalError
+
+if TYPE_CHECKING:
+    from themis_engine.scoring.scorer import Scorer
 
 logger = logging.getLogger("themis_engine")
 
 OUTPUT_FILES = ("results.json", "scores.parquet", "report.md", "report.png")
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16", "auto": None}
-
-
-
-@dataclass
-class EvalConfig:
-    """CodeRewardBench evaluation of a reward model."""
-
-    model: str = option("", "the reward model: a local Hugging Face folder (config.json, *.safetensors, "
-                        "tokenizer files)", positional=True)
-    data: str = option("", "CRB rows (id, prompt, chosen, rejected, aspect, language, subset): a .jsonl, .json "
-                       "or .parquet file, or a Hugging Face dataset id when `datasets` is installed")
-    split: str = option("train", "the split to read when --data is a Hugging Face dataset id")
-    output: str = option("", "output directory: results.json, scores.parquet, report.md, report.png, partial/")
-    use_system_prompts: bool = option(False, "give every pair a system prompt listing all criteria")
-    use_aspect_prompts: bool = option(False, "give every pair its own aspect's criterion prompt as the system "
-                                      "prompt (wins over --use-system-prompts)")
-    criteria_prompts: Optional[str] = option(None, "a JSON/YAML map {criterion: prompt text, optional \"ALL\": "
-                                             "text} replacing the built-in prompts (criteria.py)")
-    max_length: int = option(4096, "longest sequence (system + prompt + response, templated) in tokens")
-    max_tokens_per_batch: Optional[int] = option(None, "token budget of one packed micro-batch (default: "
-                                                 "16384, or the largest pair when that is larger)")
-    on_overflow: Literal["truncate", "error"] = option("truncate", "a sequence over --max-length: truncate the "
-                                                       "response (the template's closing tokens kept) or stop")
-    head: str = option("auto", "which reward head scores a row: auto (a multi-head model: the head named like "
-                       "the row's aspect; a one-head model: head 0), a head name, or a head index")
-    limit: Optional[int] = option(None, "evaluate only the first N rows")
-    device: Optional[str] = option(None, "cpu, cuda, cuda:N (default: cuda where present; under torchrun "
-                                   "cuda:LOCAL_RANK)")
-    dtype: Optional[str] = option(None, "float32, bfloat16 or float16 (default: bfloat16 on CUDA, else the "
-                                  "checkpoint's dtype)")
-    resume: bool = option(False, "keep the rows an interrupted run in --output finished; score only the rest")
-    chunk_size: int = option(256, "pairs scored between two saves of the partial results")
-    compare: list[str] = option([], "result directories to rank this run against (each holding a results.json, "
-                                "or sub-directories that do), e.g. the published crb-published-results; its values run to the next --flag, "
-                                "so give MODEL before it")
-    name: Optional[str] = option(None, "this run's name in the report and leaderboard (default: the model "
-                                 "folder's name)")
-    progress: bool = option(True, "show a progress bar (pairs/s)")
-    dist_timeout_minutes: int = option(120, "under torchrun: how long a rank waits for the others")
 
 
 # ------------------------------------------------------------------------------------------ rows
@@ -119,7 +84,7 @@ def resolve_systems(cfg: EvalConfig, prompts: CriteriaPrompts, pairs: list[Pair]
         out = []
         for p in pairs:
             if p.aspect not in prompts.per_criterion:
-                where = cfg.criteria_prompts or "the built-in prompts (criteria.py)"
+                where = cfg.criteria_prompts or "the built-in prompts (data/prompts.py)"
                 raise EvalError(
                     f"{cfg.data}, {p.where()}: no criterion prompt for aspect {p.aspect!r} in {where} "
                     f"(known: {', '.join(prompts.criteria)})"
@@ -131,7 +96,19 @@ def resolve_systems(cfg: EvalConfig, prompts: CriteriaPrompts, pairs: list[Pair]
     return [None] * len(pairs)
 
 
-def _fingerprint(cfg: EvalConfig, scorer) -> dict:
+def load_scorer(cfg: EvalConfig, device) -> "Scorer":
+    """The evaluator's Scorer on `device`: cfg's dtype, max_length and on_overflow. Its token budget is
+    --max-tokens-per-batch, or where none is given the Scorer's default (measured from free memory on
+    CUDA, elsewhere scoring.budget.default_token_budget of each call's largest pair)."""
+    from themis_engine.scoring.scorer import Scorer
+
+    return Scorer.from_pretrained(
+        cfg.model, device=device, dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
+        max_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch, on_overflow=cfg.on_overflow,
+    )
+
+
+def fingerprint(cfg: EvalConfig, scorer) -> dict:
     """What a row's scores depend on besides the row, its system prompt and its head."""
     model = Path(cfg.model).resolve()
     files = {p.name: p.stat().st_size for p in sorted(model.iterdir()) if p.suffix == ".safetensors"
@@ -180,18 +157,6 @@ class _Progress:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def _check_config(cfg: EvalConfig) -> None:
-    for key in ("model", "data", "output"):
-        if not getattr(cfg, key):
-            raise ConfigError(f"{'MODEL' if key == 'model' else '--' + key} is required (see --help)")
-    if cfg.chunk_size < 1:
-        raise ConfigError(f"--chunk-size must be at least 1, got {cfg.chunk_size}")
-    if cfg.dtype is not None and cfg.dtype not in DTYPES:
-        raise ConfigError(f"--dtype {cfg.dtype!r}: use one of {', '.join(DTYPES)}")
-    if cfg.criteria_prompts and not (cfg.use_system_prompts or cfg.use_aspect_prompts):
-        raise ConfigError("--criteria-prompts has no effect without --use-system-prompts or --use-aspect-prompts")
-
-
 def _score_rows(scorer, pairs, todo, systems, heads, hashes, chunk_size, store, progress) -> int:
     """Score rows `todo` (indices into pairs) chunk by chunk, appending each chunk to `store`.
     Returns the number of sequences the scorer truncated."""
@@ -203,7 +168,7 @@ def _score_rows(scorer, pairs, todo, systems, heads, hashes, chunk_size, store, 
             [p.prompt for p in rows], [p.chosen for p in rows], [p.rejected for p in rows],
             system=[systems[i] for i in idx],
         )
-        truncated += scorer.last_report.truncated
+        truncated += scorer.last_report.truncated  # this chunk's: the scorer is used by this thread only
         take = torch.arange(len(idx))
         head = torch.tensor([heads[i] for i in idx], dtype=torch.long)
         store.append(
@@ -216,7 +181,7 @@ def _score_rows(scorer, pairs, todo, systems, heads, hashes, chunk_size, store, 
 
 def run(cfg: EvalConfig) -> dict | None:
     """Evaluate; returns the results.json mapping on rank 0 (None on the other ranks)."""
-    _check_config(cfg)
+    cfg.check()
     # one process, or one rank of a torchrun job; the ranks exchange nothing but barriers (the
     # scores travel through the partial files), so they meet on gloo on CPU and GPU alike
     timeout = timedelta(minutes=cfg.dist_timeout_minutes)
@@ -229,8 +194,6 @@ def run(cfg: EvalConfig) -> dict | None:
 
 def _run(cfg: EvalConfig, ranks: distributed.DistInfo, group) -> dict | None:
     """`group`: the gloo group the barriers run on (None: the default group)."""
-    from themis_engine.scoring.scorer import Scorer
-
     main = ranks.is_main
     pairs = load_pairs(cfg.data, split=cfg.split, limit=cfg.limit)
     try:
@@ -238,13 +201,10 @@ def _run(cfg: EvalConfig, ranks: distributed.DistInfo, group) -> dict | None:
     except (OSError, ValueError) as err:
         raise EvalError(f"--criteria-prompts: {err}") from None
     systems = resolve_systems(cfg, prompts, pairs)
-    scorer = Scorer.from_pretrained(
-        cfg.model, device=ranks.device, dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
-        max_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch, on_overflow=cfg.on_overflow,
-    )
+    scorer = load_scorer(cfg, ranks.device)
     heads = resolve_heads(cfg.head, scorer.criteria, pairs, cfg.data)
     hashes = [row_hash(p, s, h) for p, s, h in zip(pairs, systems, heads)]
-    fingerprint = _fingerprint(cfg, scorer)
+    run_fingerprint = fingerprint(cfg, scorer)
     out = Path(cfg.output)
     # read the --compare directories now: a wrong one stops the run before any scoring
     entries = reporting.load_entries(cfg.compare, exclude=[out]) if main and cfg.compare else None
@@ -252,7 +212,7 @@ def _run(cfg: EvalConfig, ranks: distributed.DistInfo, group) -> dict | None:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if cfg.resume:
-            found = PartialStore.repair(out, fingerprint)
+            found = PartialStore.repair(out, run_fingerprint)
             logger.info("resuming: %d finished rows in %s", found, out / "partial")
         else:
             PartialStore.reset(out)
@@ -275,7 +235,7 @@ def _run(cfg: EvalConfig, ranks: distributed.DistInfo, group) -> dict | None:
             )
     desc = "scoring pairs" if ranks.world == 1 else f"scoring pairs (rank 0 of {ranks.world})"
     progress = _Progress(len(owned), len(owned) - len(todo), cfg.progress and main, desc)
-    store = PartialStore(out, ranks.rank).open(fingerprint)
+    store = PartialStore(out, ranks.rank).open(run_fingerprint)
     try:
         truncated = _score_rows(scorer, pairs, todo, systems, heads, hashes, cfg.chunk_size, store, progress)
     finally:
@@ -354,46 +314,14 @@ def _finish(cfg: EvalConfig, pairs, hashes, heads, criteria, dtype: str, entries
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def _gather_compare(argv: list[str]) -> list[str]:
-    """`--compare A B C` (several values, as a shell glob gives them) -> one `--compare=[...]`."""
-    rest, dirs, given = [], [], False
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--compare":
-            given = True
-            i += 1
-            while i < len(argv) and not argv[i].startswith("--"):
-                dirs.append(argv[i])
-                i += 1
-            continue
-        if arg.startswith("--compare="):
-            given = True
-            value = arg.split("=", 1)[1]
-            dirs.extend(json.loads(value) if value.startswith("[") else [v for v in value.split(",") if v])
-        else:
-            rest.append(arg)
-        i += 1
-    return rest + ([f"--compare={json.dumps(dirs)}"] if given else [])
-
-
-def parse(argv: list[str] | None = None) -> EvalConfig:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return parse_args(EvalConfig, _gather_compare(argv), prog="python -m themis_engine.eval",
-                      description=__doc__.split("\n\n")[0])
-
-
 def main(argv: list[str] | None = None) -> int:
-    from themis_engine.model.hf_checkpoint import CheckpointError
-    from themis_engine.scoring.scorer import InputError
-    from themis_engine.data.tables import DataError
-
+    """`python -m themis_engine.eval ...`: 0 when the run finished, 2 (one line on stderr) on a known error."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("themis_engine").setLevel(logging.INFO)
     try:
         run(parse(argv))
     except (ConfigError, DataError, EvalError, ResumeError, InputError, CheckpointError,
-            reporting.CompareError, OSError) as err:
+            CompareError, OSError) as err:
         print(f"themis_engine.eval: error: {err}", file=sys.stderr)
         return 2
     return 0

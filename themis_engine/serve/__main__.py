@@ -1,4 +1,4 @@
-"""`python -m themis_engine.serve MODEL --port 5000` (see themis_engine.serve.app)."""
+"""`python -m themis_engine.serve MODEL --port 5000` (see themis_engine.serve)."""
 
 import sys
 

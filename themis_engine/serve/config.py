@@ -1,0 +1,65 @@
+"""The reward server's settings: `python -m themis_engine.serve MODEL --port 5000 ...` (config.parse_args)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from themis_engine.config import option
+from themis_engine.errors import ConfigError
+from themis_engine.scoring.budget import DEFAULT_TOKENS_PER_BATCH, default_token_budget
+
+
+@dataclass
+class ServeConfig:
+    """The OpenRLHF-compatible reward server."""
+
+    model: str = option("", "reward model folder (HF *ForSequenceClassification safetensors + tokenizer)",
+                        positional=True)
+    host: str = option("127.0.0.1", "address to listen on (loopback by default; 0.0.0.0 accepts remote clients)")
+    port: int = option(5000, "TCP port")
+    max_length: int = option(4096, "longest sequence (prompt + response, templated) in tokens; longer ones are cut")
+    max_tokens_per_batch: Optional[int] = option(
+        None, f"token budget of one model call (default: {DEFAULT_TOKENS_PER_BATCH}, or max_length when larger); "
+        "at least max_length"
+    )
+    max_batch_wait_ms: float = option(5.0, "how long an idle model waits for more requests to batch")
+    max_request_bytes: int = option(32 * 2**20, "largest request body accepted (bigger: 413)")
+    head: str = option("0", "the criterion (name or index) whose score goes in 'rewards' and 'scores'")
+    query_format: Literal["templated", "plain"] = option(
+        "templated", "templated: queries are chat-templated text; plain: raw prompt + response (needs prompts)"
+    )
+    system: Optional[str] = option(None, "query_format=plain: a system message put before each prompt")
+    device: Optional[str] = option(None, "cuda, cuda:1, cpu (default: cuda when available)")
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = option(
+        None, "weights' dtype (default: bfloat16 on CUDA, float32 on CPU)"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = option("info", "uvicorn's log level")
+
+    @property
+    def token_budget(self) -> int:
+        """max_tokens_per_batch, or the default rule (scoring.budget.default_token_budget) for max_length."""
+        if self.max_tokens_per_batch is not None:
+            return self.max_tokens_per_batch
+        return default_token_budget(self.max_length)
+
+    def check(self) -> None:
+        """Raise ConfigError naming the first option that cannot work."""
+        if not self.model:
+            raise ConfigError("MODEL (the reward model folder) is required")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length: must be at least 2, got {self.max_length}")
+        check_budget(self.token_budget, self.max_length)
+        if self.max_batch_wait_ms < 0:
+            raise ConfigError(f"max_batch_wait_ms: must be >= 0, got {self.max_batch_wait_ms}")
+        if self.max_request_bytes < 1:
+            raise ConfigError(f"max_request_bytes: must be positive, got {self.max_request_bytes}")
+
+
+def check_budget(token_budget: int, max_length: int) -> None:
+    """A batch must hold one sequence of max_length tokens."""
+    if token_budget < max_length:
+        raise ConfigError(
+            f"max_tokens_per_batch={token_budget} is below max_length={max_length}: a sequence "
+            "of max_length tokens would not fit a batch"
+        )
