@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,14 @@ import torch
 
 import themis_engine as te
 from themis_engine.config import apply
-from themis_engine.train.config import PRESETS, TrainConfig
+from themis_engine.train.config import ShapeOverrides, TrainConfig
 from themis_engine.train.trainer import Trainer, TrainingError
 
 ROOT = Path(__file__).resolve().parents[2]
 
 SMALL = {
-    "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8,
-              "intermediate_size": 64, "dtype": "float32"},
+    "model": {"path": "tiny", "overrides": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                                            "head_dim": 8, "intermediate_size": 64}, "dtype": "float32"},
     "data": {"synthetic_pairs": 48, "eval_fraction": 0.25, "max_length": 256},
     "objective": {"heads": "criteria", "lm_coef": 0.1, "magnitude_coef": 0.01},
     "optim": {"lr": 3e-3, "terminal_lr": 3e-4, "clip": 1.0},
@@ -76,10 +75,45 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     assert lines[-1].get("final") and "eval/accuracy" in lines[-1]
 
 
+def test_activation_checkpointing_changes_neither_numbers_nor_names(tmp_path):
+    """Blocks wrapped for recomputation (parallelize) train to the same losses, evaluation, checkpoint
+    and export as plain blocks, with the same tensor names; a run with it resumes from one without."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    runs = {}
+    for ac in (False, True):
+        out = tmp_path / f"ac_{ac}"
+        t = Trainer(_cfg(out, model__activation_checkpointing=ac, run__export=True, run__checkpoint_every=3))
+        assert (type(t.rm.model.layers[0]).__name__ == "Block") is (not ac)
+        runs[ac] = (t, t.fit(), out)
+    (plain, a, out_a), (_, b, out_b) = runs[False], runs[True]
+    assert [m["loss"] for m in a["history"]] == [m["loss"] for m in b["history"]]
+    assert a["final"] == b["final"]
+    for out in (out_a, out_b):  # the manager's cadence: every 3 steps and the last one
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003", "step_000004"]
+    ea, eb = (load_file(str(out / "export" / "model.safetensors")) for out in (out_a, out_b))
+    assert list(ea) == list(eb) and all(torch.equal(ea[k], eb[k]) for k in ea)
+    ca = torch.load(out_a / "checkpoints" / "step_000004" / "model.pt", weights_only=True)
+    cb = torch.load(out_b / "checkpoints" / "step_000004" / "model.pt", weights_only=True)
+    assert list(ca) == list(cb) and all(torch.equal(ca[k], cb[k]) for k in ca)
+    assert all(k.startswith("rm.") and "_checkpoint_wrapped_module" not in k for k in cb)
+    oa = torch.load(out_a / "checkpoints" / "step_000004" / "optim.pt", weights_only=True)
+    ob = torch.load(out_b / "checkpoints" / "step_000004" / "optim.pt", weights_only=True)
+    assert list(oa["state"]) == list(ob["state"]) and oa["param_groups"] == ob["param_groups"]
+    # resume with activation checkpointing from the plain run's step 3
+    cut = tmp_path / "cut"
+    shutil.copytree(out_a / "checkpoints" / "step_000003", cut / "checkpoints" / "step_000003")
+    again = Trainer(_cfg(cut, model__activation_checkpointing=True, run__resume=True))
+    rest = again.fit()["history"]
+    assert [m["loss"] for m in rest] == [m["loss"] for m in a["history"][3:]]
+    assert all(torch.equal(v, _weights(plain)[k]) for k, v in _weights(again).items())
+
+
 def test_non_finite_loss_stops_with_last_checkpoint_intact(tmp_path, monkeypatch):
     t = Trainer(_cfg(tmp_path, run__checkpoint_every=1))
     real = t.objective.forward
-    calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
         loss, bt, lm = real(*args, **kwargs)
@@ -123,9 +157,9 @@ def test_bad_data_errors_name_the_problem(tmp_path):
     with pytest.raises(Exception, match="missing.jsonl"):
         Trainer(cfg)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "aspect": "Functional_Correctness"})
-                   + "\n" + json.dumps({"prompt": "p", "chosen": "", "rejected": "b", "aspect": "Functional_Correctness"})
-                   + "\n")
+    aspect = "Functional_Correctness"
+    bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "aspect": aspect}) + "\n"
+                   + json.dumps({"prompt": "p", "chosen": "", "rejected": "b", "aspect": aspect}) + "\n")
     cfg.data.train = [str(bad)]
     with pytest.raises(Exception, match=r"bad.jsonl.*(row|line) 2.*chosen"):
         Trainer(cfg)
@@ -196,13 +230,13 @@ def test_scalar_heads_report_per_aspect_and_finetune_from_export(tmp_path):
     assert cfg["num_labels"] == 1 and cfg["themis_heads"] == "scalar"
     # continue from the exported classifier (no LM head there, so lm_coef must be 0)
     cont = _cfg(tmp_path / "cont", objective__heads="scalar", objective__lm_coef=0.0)
-    cont.model.path = str(export)
+    cont.model.path, cont.model.overrides = str(export), ShapeOverrides()  # the folder gives the shape
     t2 = Trainer(cont)
     before = {k: v.clone() for k, v in t2.rm.state_dict().items()}
     t2.fit()
     assert any(not torch.equal(before[k], v) for k, v in t2.rm.state_dict().items())
     bad = _cfg(tmp_path / "bad", objective__heads="scalar")
-    bad.model.path = str(export)
+    bad.model.path, bad.model.overrides = str(export), ShapeOverrides()
     with pytest.raises(TrainingError, match="no LM head"):
         Trainer(bad)
 
@@ -214,8 +248,8 @@ def test_gpu_bf16_training_and_export(tmp_path):
     kernels (forward and backward), fused AdamW; the losses stay finite, the weights move, and the
     export scores in the scorer on the card as it does in float32 on the CPU (to bf16 rounding)."""
     # head_dim 16: a head size the Triton attention kernel takes (SMALL's 8 would run on the reference)
-    cfg = _cfg(tmp_path, model__dtype="bfloat16", model__head_dim=16, run__device="cuda", run__export=True,
-               run__max_steps=6)
+    cfg = _cfg(tmp_path, model__dtype="bfloat16", run__device="cuda", run__export=True, run__max_steps=6)
+    cfg.model.overrides = ShapeOverrides({**cfg.model.overrides, "head_dim": 16})
     t = Trainer(cfg)
     assert t.mixed and t.device.type == "cuda"
     before = _weights(t)

@@ -6,15 +6,13 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 
-import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
-from themis_engine.train import microbatch as batching
 from themis_engine.model.args import ModelArgs
 from themis_engine.model.decoder import RewardModel
 from themis_engine.packing.batch import SegmentMeta
+from themis_engine.train import microbatch as batching
 from themis_engine.train.objective import RewardObjective
 
 H = 3

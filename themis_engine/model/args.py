@@ -225,4 +225,8 @@ NAMED_SHAPES: dict[str, ModelArgs] = {
     "qwen3-8b": _qwen3(4096, 12288, 36, 32, 8, False),
     "qwen3-14b": _qwen3(5120, 17408, 40, 40, 8, False),
     "qwen3-32b": _qwen3(5120, 25600, 64, 64, 8, False),
+    # Small Qwen3-shaped decoders trained from scratch on CPU (vocab, pad and heads come from the
+    # trainer's tokenizer and criteria): "tiny" is the trainer's default, "demo" the demo preset's.
+    "tiny": replace(_qwen3(128, 256, 2, 4, 2, False), head_dim=32),
+    "demo": replace(_qwen3(96, 192, 2, 4, 2, False), head_dim=32),
 }

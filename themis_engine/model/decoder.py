@@ -116,7 +116,6 @@ class RewardModel(nn.Module):
                 self.lm_head.weight = self.model.embed_tokens.weight
         inv_freq, self.rope_scaling = rope_inv_freq(args)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.gradient_checkpointing = False
 
     def _apply(self, fn, recurse=True):
         """.to(dtype) / .half() / .bfloat16() cast every floating buffer; the rotary frequencies must
@@ -142,12 +141,7 @@ class RewardModel(nn.Module):
         """The residual stream after the last block, [T, hidden] (before the final norm)."""
         h = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(
-                    layer, h, position_ids, meta, self.inv_freq, self.rope_scaling, use_reentrant=False
-                )
-            else:
-                h = layer(h, position_ids, meta, self.inv_freq, self.rope_scaling)
+            h = layer(h, position_ids, meta, self.inv_freq, self.rope_scaling)
         return h
 
     def forward(self, input_ids, position_ids, meta: SegmentMeta, score_index) -> torch.Tensor:

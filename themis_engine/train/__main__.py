@@ -2,6 +2,7 @@
 
     python -m themis_engine.train --preset demo                       # anywhere, minutes, no download
     python -m themis_engine.train --preset themis-pm --model.path Qwen3-8B --data.train pairs.jsonl
+    python -m themis_engine.train --preset demo --model.overrides="{num_layers: 4}"   # a bigger demo shape
     torchrun --nproc_per_node 8 -m themis_engine.train --config run.yaml
     python -m themis_engine.train --help                              # every field with its help
 """
@@ -11,13 +12,23 @@ from __future__ import annotations
 import sys
 
 from themis_engine.config import ConfigError, parse_args
-from themis_engine.train.config import PRESETS, TrainConfig
+from themis_engine.train.config import LEGACY_SHAPE_FLAGS, PRESETS, ShapeOverrides, TrainConfig
+
+
+def parse_config(argv=None) -> TrainConfig:
+    """The run's TrainConfig from presets, config files and flags (ConfigError on a bad one)."""
+    argv, legacy = split_legacy_shape_flags(sys.argv[1:] if argv is None else argv)
+    cfg = parse_args(TrainConfig, argv, prog="python -m themis_engine.train", description=__doc__,
+                     presets=PRESETS)
+    if legacy:
+        cfg.model.overrides = ShapeOverrides({**cfg.model.overrides, **legacy})
+    cfg.model.shape_name()  # a path that is neither a folder nor a named shape fails here
+    return cfg
 
 
 def main(argv=None) -> int:
     try:
-        cfg = parse_args(TrainConfig, argv, prog="python -m themis_engine.train", description=__doc__,
-                         presets=PRESETS)
+        cfg = parse_config(argv)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -32,6 +43,28 @@ def main(argv=None) -> int:
     if final:
         print(format_final(final))
     return 0
+
+
+def split_legacy_shape_flags(argv) -> tuple[list[str], dict]:
+    """Take the earlier shape flags (`--model.hidden_size=96`, `--model.num-layers 4`, ...) out of
+    argv: (the other arguments, {field: value as given}), to be merged into model.overrides."""
+    rest, legacy = [], {}
+    argv = list(argv)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg[2:].partition("=") if arg.startswith("--model.") else ("", "", "")
+        name = key[len("model."):].replace("-", "_")
+        if name in LEGACY_SHAPE_FLAGS:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"--{key} needs a value")
+                value, i = argv[i + 1], i + 1
+            legacy[name] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, legacy
 
 
 def format_final(final: dict) -> str:

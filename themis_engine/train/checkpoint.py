@@ -1,5 +1,10 @@
 """Training checkpoints: model, optimizer, trainer state (step, RNG, data position), written atomically.
 
+`CheckpointManager` owns the cadence (as torchtitan's): the trainer calls `manager.save(step,
+last_step=...)` after every optimizer step and the manager decides whether this step is written
+(every `checkpoint_every` steps, and the last step), prunes to the newest `keep`, and resumes from
+the newest complete one (`manager.load()`).
+
 A checkpoint is a folder `step_000120/` under `<output>/checkpoints/`, holding `model.pt`,
 `optim.pt` (full, unsharded state dicts in float32 on the CPU, gathered from every FSDP rank) and
 `trainer.json`. It is written as `.step_000120.tmp*` and renamed when complete, so a crash mid-write
@@ -15,6 +20,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -79,3 +85,43 @@ def _prune(output, keep: int) -> None:
     for p in root.iterdir():  # leftovers of an interrupted write
         if p.name.startswith(".step_") and ".tmp" in p.name:
             shutil.rmtree(p, ignore_errors=True)
+
+
+class CheckpointManager:
+    """Saves and restores one run's checkpoints under `<output>/checkpoints/`.
+
+    model / optimizer: what is saved (the FSDP-sharded objective and its AdamW; the state is gathered
+    in full); trainer_state: a callable giving the JSON-able trainer state at save time (step, RNG,
+    config). every: write every N steps (0 = only the last step); keep: checkpoints kept.
+    Every rank calls `save` and `load` (collectives); only rank 0 (`is_main`) writes."""
+
+    def __init__(self, output, model, optimizer, trainer_state: Callable[[], dict], *, every: int = 0,
+                 keep: int = 2, is_main: bool = True):
+        self.output = Path(output)
+        self.model = model
+        self.optimizer = optimizer
+        self.trainer_state = trainer_state
+        self.every = int(every)
+        self.keep = int(keep)
+        self.is_main = is_main
+
+    def due(self, step: int, last_step: bool = False) -> bool:
+        """Whether step `step` is written: the last step, or a multiple of `every`."""
+        return last_step or (self.every > 0 and step % self.every == 0)
+
+    def save(self, step: int, last_step: bool = False, force: bool = False) -> Path | None:
+        """Write the checkpoint of step `step` when it is due (or `force`); its folder, else None."""
+        if not (force or self.due(step, last_step)):
+            return None
+        return save(self.output, step, self.model, self.optimizer, self.trainer_state(), self.is_main, self.keep)
+
+    def latest(self) -> Path | None:
+        return latest(self.output)
+
+    def load(self, path: str | Path | None = None) -> dict | None:
+        """Restore model and optimizer from `path` (default: the newest complete checkpoint) and return
+        the trainer state saved with it; None when there is none."""
+        path = self.latest() if path is None else Path(path)
+        if path is None:
+            return None
+        return load(path, self.model, self.optimizer)

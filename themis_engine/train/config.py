@@ -1,37 +1,105 @@
 """The trainer's configuration: typed sections with a help text per field, and the built-in presets.
 
     python -m themis_engine.train --preset themis-pm --model.path Qwen3-8B --data.train data.jsonl
+    python -m themis_engine.train --preset demo --model.overrides="{num_layers: 4}"   # a named shape
     python -m themis_engine.train --config run.yaml --optim.lr=5e-6
+
+`model.path` is a checkpoint folder or a named shape (themis_engine.model.args.NAMED_SHAPES) trained
+from scratch, and `model.overrides` changes fields of that shape; there is no second list of shape
+fields (the earlier --model.hidden_size ... flags are read into model.overrides by the CLI).
     python -m themis_engine.train --help
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Optional
 
-from themis_engine.config import option, section
+from themis_engine.config import ConfigError, convert, option, section
+from themis_engine.model.args import FAMILIES, NAMED_SHAPES, ModelArgs
+
+
+class ShapeOverrides(dict):
+    """model.overrides: ModelArgs field -> value, applied to a named shape.
+
+    Built from a mapping (a preset, a YAML file) or from a command-line string, YAML flow or JSON
+    (`--model.overrides={num_layers: 4, hidden_size: 256}`); every key must be a ModelArgs field the
+    trainer does not set itself, and every value is converted to that field's type."""
+
+    def __init__(self, value=(), /):
+        if isinstance(value, str):
+            import yaml
+
+            try:
+                value = yaml.safe_load(value) if value.strip() else {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"model.overrides: cannot read {value!r} as a mapping ({err})") from None
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"model.overrides: expected a mapping such as {{num_layers: 2}}, got {value!r}")
+        super().__init__(value)
+        hints = typing.get_type_hints(ModelArgs)
+        allowed = [f.name for f in dataclasses.fields(ModelArgs) if f.name not in TRAINER_SET_FIELDS]
+        for key in list(self):
+            if key not in allowed:
+                why = (" (set by the trainer: vocab and pad from the tokenizer, heads from objective)"
+                       if key in TRAINER_SET_FIELDS else "")
+                raise ConfigError(f"model.overrides: {key!r} is not a shape field{why}; known: {', '.join(allowed)}")
+            self[key] = convert(self[key], hints[key], f"model.overrides.{key}")
+        if "family" in self and self["family"] not in FAMILIES:
+            raise ConfigError(f"model.overrides.family: {self['family']!r} is not one of {', '.join(FAMILIES)}")
+
+
+# ModelArgs fields the trainer fills in itself (a named shape's values are replaced)
+TRAINER_SET_FIELDS = ("vocab_size", "pad_token_id", "criteria", "hf_config")
+# The shape flags of the earlier ModelSection (--model.hidden_size=...): still read on the command
+# line of `python -m themis_engine.train`, into model.overrides.
+LEGACY_SHAPE_FLAGS = ("family", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                      "intermediate_size")
 
 
 @dataclass
 class ModelSection:
     """The backbone and its reward heads."""
 
-    path: str = option("", "HF checkpoint folder (*ForCausalLM or *ForSequenceClassification); empty = train "
-                           "from scratch with the shape below (the demo)")
-    tokenizer: str = option("", "tokenizer folder (default: the model folder)")
-    family: str = option("qwen3", "from scratch: decoder family (qwen3, qwen2, llama)")
-    hidden_size: int = option(128, "from scratch: hidden size")
-    num_layers: int = option(2, "from scratch: blocks")
-    num_heads: int = option(4, "from scratch: query heads")
-    num_kv_heads: int = option(2, "from scratch: key/value heads")
-    head_dim: int = option(32, "from scratch: head dim")
-    intermediate_size: int = option(256, "from scratch: MLP width")
+    path: str = option("tiny", "an HF checkpoint folder (*ForCausalLM or *ForSequenceClassification), or a named "
+                               "shape trained from scratch (" + ", ".join(NAMED_SHAPES) + ")")
+    overrides: ShapeOverrides = option(factory=ShapeOverrides,
+                                       help="named shape only: ModelArgs fields changed, e.g. {num_layers: 4, "
+                                            "hidden_size: 256} (vocab and pad come from the tokenizer); the "
+                                            "earlier flags --model.hidden_size etc. are read into it")
+    tokenizer: str = option("", "tokenizer folder (default: the model folder; for a named shape: built from the "
+                                "synthetic data)")
     dtype: Literal["bfloat16", "float32"] = option("bfloat16", "compute dtype on CUDA (weights stay float32 "
                                                                  "masters); the CPU always computes in float32")
     activation_checkpointing: Optional[bool] = option(None, "recompute each block in the backward; default: on "
                                                             "for models over 1B parameters")
     compile: bool = option(False, "torch.compile each block")
+
+    def shape_name(self) -> str | None:
+        """The NAMED_SHAPES key `path` names, or None when it is a checkpoint folder. A folder that
+        exists wins over a shape of the same name; anything else is a ConfigError."""
+        if self.path and Path(self.path).is_dir():
+            if self.overrides:
+                raise ConfigError(f"model.overrides apply to a named shape; {self.path} is a checkpoint folder "
+                                  "(its config.json gives the shape)")
+            return None
+        key = self.path.lower()
+        if key in NAMED_SHAPES:
+            return key
+        raise ConfigError(f"model.path {self.path!r} is neither a checkpoint folder nor a named shape "
+                          f"({', '.join(NAMED_SHAPES)})")
+
+    def shape(self) -> ModelArgs:
+        """The named shape with model.overrides applied (vocab, pad and heads still the shape's)."""
+        name = self.shape_name()
+        if name is None:
+            raise ConfigError(f"model.path {self.path!r} is a checkpoint folder, not a named shape")
+        return ModelArgs.from_name(name, **self.overrides)
 
 
 @dataclass
@@ -113,25 +181,28 @@ class TrainConfig:
     run: RunSection = section(RunSection)
 
 
-def _stage(lr, terminal, lm, mu, clip, batch, max_length, epochs):
+def _stage(*, lr: float, terminal_lr: float, lm_coef: float, magnitude_coef: float, clip: float,
+           global_batch_pairs: int, max_length: int, epochs: float) -> dict:
+    """One stage of the Themis-RM recipe: scalar heads, bf16, AdamW (0.9, 0.95), warm-up 5% + cosine."""
     return {
         "model": {"dtype": "bfloat16"},
         "data": {"max_length": max_length},
-        "objective": {"heads": "scalar", "lm_coef": lm, "magnitude_coef": mu},
-        "optim": {"lr": lr, "terminal_lr": terminal, "warmup_fraction": 0.05, "weight_decay": 0.1,
+        "objective": {"heads": "scalar", "lm_coef": lm_coef, "magnitude_coef": magnitude_coef},
+        "optim": {"lr": lr, "terminal_lr": terminal_lr, "warmup_fraction": 0.05, "weight_decay": 0.1,
                   "betas": [0.9, 0.95], "eps": 1e-8, "clip": clip},
-        "run": {"global_batch_pairs": batch, "epochs": epochs},
+        "run": {"global_batch_pairs": global_batch_pairs, "epochs": epochs},
     }
 
 
 # The published Themis-RM recipe (../shared/data/README.md): PT on general preferences, PM on code.
 PRESETS: dict[str, dict] = {
-    "themis-pt": _stage(2e-5, 1e-5, 0.4, 0.01, 2.0, 1024, 2560, 2),
-    "themis-pm": _stage(1e-5, 5e-7, 0.25, 0.001, 1.5, 512, 4096, 1),
-    # Runs anywhere in minutes: synthetic code preferences, a small model from scratch, CPU float32.
+    "themis-pt": _stage(lr=2e-5, terminal_lr=1e-5, lm_coef=0.4, magnitude_coef=0.01, clip=2.0,
+                        global_batch_pairs=1024, max_length=2560, epochs=2),
+    "themis-pm": _stage(lr=1e-5, terminal_lr=5e-7, lm_coef=0.25, magnitude_coef=0.001, clip=1.5,
+                        global_batch_pairs=512, max_length=4096, epochs=1),
+    # Runs anywhere in minutes: synthetic code preferences, the "demo" shape from scratch, CPU float32.
     "demo": {
-        "model": {"path": "", "family": "qwen3", "hidden_size": 96, "num_layers": 2, "num_heads": 4,
-                  "num_kv_heads": 2, "head_dim": 32, "intermediate_size": 192, "dtype": "float32"},
+        "model": {"path": "demo", "dtype": "float32"},
         "data": {"synthetic_pairs": 2400, "eval_fraction": 0.1, "max_length": 512},
         "objective": {"heads": "criteria", "lm_coef": 0.1, "magnitude_coef": 0.001},
         "optim": {"lr": 2e-3, "terminal_lr": 1e-4, "warmup_fraction": 0.05, "weight_decay": 0.1, "clip": 1.0},

@@ -3,34 +3,39 @@
     Trainer(cfg).fit()
 
 `train_step` = plan the step's micro-batches -> `forward_backward` each -> clip -> AdamW step.
-Data preparation (data.py), checkpoints (checkpointing.py), metrics (metrics.py) and the held-out
-evaluation (`evaluate`) are separate pieces it calls. Under torchrun every rank reads a disjoint,
-deterministic share of every global batch; the model is FSDP2-sharded per block with fp32 master
-weights and, on CUDA, bf16 compute with fp32 gradient reduction.
+The pieces it calls live apart: activation checkpointing, compile and FSDP2 (`parallelize.py`), the
+optimizer and LR schedule (`optim.py`), checkpoints and their cadence (`checkpoint.CheckpointManager`),
+the held-out evaluation (`validate.Validator`) and metrics (`metrics.py`). Under torchrun every rank
+reads a disjoint, deterministic share of every global batch; the model is FSDP2-sharded per block
+with fp32 master weights and, on CUDA, bf16 compute with fp32 gradient reduction.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from themis_engine import distributed
-from themis_engine.train import microbatch as batching
-from themis_engine.train import checkpoint as checkpointing
+from themis_engine.data.prompts import CriteriaPrompts
+from themis_engine.errors import TrainingError
 from themis_engine.model import flops
 from themis_engine.model.args import ModelArgs
-from themis_engine.data.prompts import CriteriaPrompts
-from themis_engine.train.metrics import MetricsLogger
 from themis_engine.model.decoder import RewardModel
-from themis_engine.train.objective import RewardObjective
+from themis_engine.train import microbatch as batching
+from themis_engine.train import optim
+from themis_engine.train.checkpoint import CheckpointManager
 from themis_engine.train.config import TrainConfig
-from themis_engine.errors import TrainingError
+from themis_engine.train.metrics import MetricsLogger
+from themis_engine.train.objective import RewardObjective
+from themis_engine.train.parallelize import parallelize
+from themis_engine.train.validate import Validator
 
+__all__ = ["Trainer", "TrainingError"]
 
 
 class Trainer:
@@ -44,16 +49,23 @@ class Trainer:
         if self.dist.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.run.seed)
+        self._shape_name = cfg.model.shape_name()  # None: model.path is a checkpoint folder
         self.tokenizer = self._load_tokenizer()
         self.criteria = self._head_names()  # one name per reward head
         # the criteria the data's aspects are matched against (== the heads in criteria mode)
         self.aspects = self.criteria if cfg.objective.heads == "criteria" else list(cfg.objective.criteria)
         self.train_pairs, self.eval_pairs, self.data_report = self._prepare_data()
         self.objective = self._build_model()
-        self.optimizer = self._build_optimizer()
+        self.optimizer = optim.build_optimizer(self.objective, cfg.optim, fused=self.device.type == "cuda")
         G = cfg.run.global_batch_pairs
         self.total_steps = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * len(self.train_pairs) / G))
         self.step = 0
+        self.checkpoints = CheckpointManager(self.output, self.objective, self.optimizer, self.trainer_state,
+                                             every=cfg.run.checkpoint_every, keep=cfg.run.keep_checkpoints,
+                                             is_main=self.dist.is_main)
+        self.validator = Validator(self.objective, self.criteria, self.aspects,
+                                   max_tokens_per_batch=cfg.run.max_tokens_per_batch, device=self.device,
+                                   rank=self.dist.rank, world=self.dist.world, every=cfg.run.eval_every)
         self._flops_per_token = 3 * flops.linear_flops_per_token(self.args)  # forward + backward
         self._peak = flops.peak_tflops(self.device)
 
@@ -62,15 +74,21 @@ class Trainer:
     def rm(self) -> RewardModel:
         return self.objective.rm
 
+    @property
+    def from_checkpoint(self) -> bool:
+        """model.path is a checkpoint folder (else a named shape, trained from scratch)."""
+        return self._shape_name is None
+
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
 
         m = self.cfg.model
-        if m.tokenizer or m.path:
+        if m.tokenizer or self.from_checkpoint:
             return AutoTokenizer.from_pretrained(m.tokenizer or m.path, trust_remote_code=False)
         if not self.cfg.data.synthetic_pairs:
-            raise TrainingError("model.path is empty (train from scratch) but no model.tokenizer is given and "
-                                "data.synthetic_pairs is 0: nothing to build a tokenizer from")
+            raise TrainingError(f"model.path is the named shape {m.path!r} (train from scratch) but no "
+                                "model.tokenizer is given and data.synthetic_pairs is 0: nothing to build a "
+                                "tokenizer from")
         return None  # built from the synthetic data in _prepare_data
 
     def _head_names(self) -> list[str]:
@@ -78,12 +96,13 @@ class Trainer:
         Scalar mode: one head ("reward", or the checkpoint's name for its single head)."""
         cfg = self.cfg
         names = None
-        if cfg.model.path:
+        if self.from_checkpoint:
             from themis_engine.model.args import criteria_from_config
             from themis_engine.model.hf_checkpoint import read_config
 
             hf = read_config(cfg.model.path)
-            if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []) and hf.get("id2label"):
+            classifier = any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or [])
+            if classifier and hf.get("id2label"):
                 names = list(criteria_from_config(hf))
         if cfg.objective.heads == "scalar":
             if names is not None and len(names) != 1:
@@ -141,20 +160,20 @@ class Trainer:
         return out[0], out[1], report
 
     def _model_args(self) -> ModelArgs:
-        m = self.cfg.model
-        return ModelArgs(
-            family=m.family, vocab_size=len(self.tokenizer), hidden_size=m.hidden_size,
-            intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
-            num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, rope_theta=1_000_000.0,
-            criteria=tuple(self.criteria), pad_token_id=self.tokenizer.pad_token_id,
+        """The named shape with model.overrides; vocab and pad from the tokenizer, one head per criterion."""
+        return replace(
+            self.cfg.model.shape(), vocab_size=len(self.tokenizer), criteria=tuple(self.criteria),
+            pad_token_id=self.tokenizer.pad_token_id,
             hf_config={"bos_token_id": self.tokenizer.bos_token_id, "eos_token_id": self.tokenizer.eos_token_id,
                        "max_position_embeddings": max(4096, self.cfg.data.max_length)},
         )
 
     def _build_model(self) -> RewardObjective:
+        """The reward model (loaded, or a named shape initialised from scratch) in its objective, on
+        the device, parallelized (activation checkpointing, compile, FSDP2) as configured."""
         cfg = self.cfg
         with_lm = cfg.objective.lm_coef > 0
-        if cfg.model.path:
+        if self.from_checkpoint:
             rm = RewardModel.from_pretrained(cfg.model.path, dtype=torch.float32, device="cpu",
                                              criteria=self.criteria, keep_lm_head=with_lm)
             if with_lm and rm.lm_head is None:
@@ -165,48 +184,16 @@ class Trainer:
             rm = RewardModel(self._model_args(), with_lm_head=with_lm)
             _init_from_scratch(rm)
         self.args = rm.args
-        n_params = sum(p.numel() for p in rm.parameters())
-        ac = cfg.model.activation_checkpointing
-        rm.gradient_checkpointing = n_params > 1e9 if ac is None else ac
         objective = RewardObjective(rm, cfg.objective.lm_coef, cfg.objective.magnitude_coef, cfg.objective.magnitude)
         objective.to(self.device)
-        if cfg.model.compile:
-            for i, block in enumerate(rm.model.layers):
-                rm.model.layers[i] = torch.compile(block)
-        if distributed.active() or self.mixed:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-            # cast_forward_inputs=False: the blocks' float inputs include the rotary inv_freq (and the
-            # root's, the BT margins), which must stay float32; the residual stream is already bf16
-            # because the embedding's weight is
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.mixed else torch.float32,
-                                      reduce_dtype=torch.float32, cast_forward_inputs=False)
-            for block in rm.model.layers:
-                fully_shard(block, mp_policy=mp)
-            fully_shard(objective, mp_policy=mp)
-        return objective
-
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        decay, no_decay = [], []
-        for name, p in self.objective.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or name.endswith("bias") or "norm" in name else decay).append(p)
-        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.device.type == "cuda"
-        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+        return parallelize(objective, activation_checkpointing=cfg.model.activation_checkpointing,
+                           compile=cfg.model.compile, shard=distributed.active() or self.mixed,
+                           param_dtype=torch.bfloat16 if self.mixed else torch.float32)
 
     # ------------------------------------------------------------------ schedule and data order
     def lr_at(self, step: int) -> float:
-        """Linear warm-up to the peak, then cosine down to the terminal LR at the last step."""
-        o = self.cfg.optim
-        warm = max(1, math.ceil(o.warmup_fraction * self.total_steps)) if o.warmup_fraction > 0 else 0
-        if step < warm:
-            return o.lr * (step + 1) / warm
-        span = max(1, self.total_steps - warm - 1)
-        progress = min(1.0, (step - warm) / span)
-        return o.terminal_lr + (o.lr - o.terminal_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+        """Linear warm-up to the peak, then cosine down to the terminal LR at the last step (optim.lr_at)."""
+        return optim.lr_at(step, self.total_steps, self.cfg.optim)
 
     def global_batch(self, step: int) -> list[int]:
         """The pair indices of global batch `step`: consecutive slices of a seeded permutation per epoch."""
@@ -240,8 +227,7 @@ class Trainer:
         mbs = batching.build_micro_batches(self.train_pairs, mine, cfg.run.max_tokens_per_batch, H, with_lm)
         n_mb = distributed.all_reduce_max_int(len(mbs), self.device)
         lr = self.lr_at(self.step)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        optim.set_lr(self.optimizer, lr)
         sums = torch.zeros(4 + 3 * H, dtype=torch.float64, device=self.device)
         tokens = 0
         for k in range(n_mb):
@@ -301,74 +287,13 @@ class Trainer:
         return m
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self, pairs=None) -> dict:
         """Held-out accuracy per criterion and language (the pair's own head in criteria mode), and the
-        reward mean / std of every head over the chosen and rejected responses."""
-        pairs = self.eval_pairs if pairs is None else pairs
-        H = len(self.criteria)
-        if not pairs:
-            return {}
-        mine = list(range(len(pairs)))[self.dist.rank :: self.dist.world]
-        mbs = batching.build_micro_batches(pairs, mine, self.cfg.run.max_tokens_per_batch, H, False)
-        n_mb = distributed.all_reduce_max_int(len(mbs), self.device)
-        langs = sorted({p.language or "unknown" for p in pairs})
-        # accuracy is reported per criterion: the head's own in criteria mode, the pair's aspect
-        # (read with the one head) in scalar mode
-        names = list(self.criteria) if H > 1 else list(self.aspects) + ["unlabelled"]
-        C, Lg = len(names), len(langs)
-        acc = torch.zeros(2 * C + 2 * Lg + 3 * H, dtype=torch.float64)  # host side: counts, sums
-        self.objective.eval()
-        for k in range(n_mb):
-            real = k < len(mbs)
-            mb = mbs[k] if real else (mbs[0] if mbs else batching.build_micro_batches(pairs, [0], 1 << 30, H, False)[0])
-            inputs = mb.to_torch(self.device)
-            inputs["mask"] = torch.ones_like(inputs["mask"])
-            _, bt, _ = self.objective(**inputs, bt_normalizer=1.0, lm_normalizer=1.0)
-            if not real:
-                continue
-            rc, rr = bt.reward_chosen.double().cpu(), bt.reward_rejected.double().cpu()
-            for row, i in enumerate(mb.pair_ids.tolist()):
-                p = pairs[i]
-                if H > 1:
-                    cells = [(h, h) for h in ([p.aspect_index] if p.aspect_index >= 0 else range(H))]
-                else:
-                    cells = [(0, p.aspect_index if p.aspect_index >= 0 else C - 1)]
-                li = 2 * C + 2 * langs.index(p.language or "unknown")
-                for h, c in cells:
-                    win = float(rc[row, h] > rr[row, h])
-                    acc[c] += 1
-                    acc[C + c] += win
-                    acc[li] += 1
-                    acc[li + 1] += win
-            base = 2 * C + 2 * Lg
-            both = torch.cat([rc, rr])
-            acc[base : base + H] += both.sum(0)
-            acc[base + H : base + 2 * H] += both.pow(2).sum(0)
-            acc[base + 2 * H : base + 3 * H] += both.shape[0]
-        self.objective.train()
-        acc = distributed.all_reduce_sum(acc.to(self.device)).cpu()
-        a = acc.tolist()
-        out = {}
-        total = sum(a[:C])
-        out["eval/accuracy"] = sum(a[C : 2 * C]) / total if total else float("nan")
-        for c, name in enumerate(names):
-            if a[c]:
-                out[f"eval/accuracy/{name}"] = a[C + c] / a[c]
-        for j, lang in enumerate(langs):
-            n = a[2 * C + 2 * j]
-            if n:
-                out[f"eval/accuracy_language/{lang}"] = a[2 * C + 2 * j + 1] / n
-        base = 2 * C + 2 * Lg
-        stats = {}
-        for h, name in enumerate(self.criteria):
-            n = a[base + 2 * H + h]
-            mean = a[base + h] / n
-            std = math.sqrt(max(0.0, a[base + H + h] / n - mean * mean))
-            stats[name] = {"mean": mean, "std": std}
-            out[f"eval/reward_mean/{name}"] = mean
-            out[f"eval/reward_std/{name}"] = std
-        self.reward_stats = stats
+        reward mean / std of every head over the chosen and rejected responses (validate.Validator);
+        `pairs` defaults to the held-out set. Every rank calls it."""
+        out = self.validator(self.eval_pairs if pairs is None else pairs)
+        if out:
+            self.reward_stats = self.validator.reward_stats
         return out
 
     # ------------------------------------------------------------------ state and export
@@ -377,14 +302,14 @@ class Trainer:
                 "config": _jsonable(asdict(self.cfg))}
 
     def save_checkpoint(self) -> None:
-        checkpointing.save(self.output, self.step, self.objective, self.optimizer, self.trainer_state(),
-                           self.dist.is_main, self.cfg.run.keep_checkpoints)
+        """Write the checkpoint of the current step now, whatever the cadence."""
+        self.checkpoints.save(self.step, force=True)
 
     def restore(self) -> bool:
-        path = checkpointing.latest(self.output)
-        if path is None:
+        """Continue from the newest checkpoint under run.output; False when there is none."""
+        state = self.checkpoints.load()
+        if state is None:
             return False
-        state = checkpointing.load(path, self.objective, self.optimizer)
         self.step = int(state["step"])
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         return True
@@ -410,11 +335,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
+        """Train to total_steps (first resuming when run.resume), with the evaluations, metrics lines
+        and checkpoints their pieces decide on; then the final evaluation and the export.
+        Returns {"history": per-step metrics, "final": the final eval/* metrics}."""
         cfg = self.cfg
-        if cfg.run.resume and self.restore():
-            resumed = True
-        else:
-            resumed = False
+        resumed = bool(cfg.run.resume) and self.restore()
         log = MetricsLogger(self.output, self.dist.is_main, self.total_steps, cfg.run.progress, self.step)
         if resumed:
             log.message(f"resumed at step {self.step} of {self.total_steps}")
@@ -425,20 +350,16 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 metrics = self.train_step()
-                if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < self.total_steps:
+                if self.validator.due(self.step, self.total_steps):
                     metrics.update(self.evaluate())
                 if self.step % max(1, cfg.run.log_every) == 0 or self.step == self.total_steps:
                     log.log(self.step, metrics)
                 history.append(metrics)
-                if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
-                    self.save_checkpoint()
+                self.checkpoints.save(self.step, last_step=self.step == self.total_steps)
             final = self.evaluate()
             log.log(self.step, {"final": True, **final})
-            if not cfg.run.checkpoint_every or self.step % cfg.run.checkpoint_every:
-                self.save_checkpoint()
             if cfg.run.export:
-                path = self.export()
-                log.message(f"exported the reward model to {path}")
+                log.message(f"exported the reward model to {self.export()}")
         finally:
             log.close()
         return {"history": history, "final": final}
