@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from themis_engine.config import ConfigError, apply
+from themis_engine.eval.results import grouped_accuracy
 from themis_engine.model.args import DEFAULT_CRITERIA, ModelArgs
 from themis_engine.model.decoder import RewardModel
 from themis_engine.train import microbatch as batching
@@ -24,7 +25,7 @@ from themis_engine.train.checkpoint import CheckpointManager
 from themis_engine.train.config import PRESETS, OptimSection, ShapeOverrides, TrainConfig
 from themis_engine.train.objective import RewardObjective
 from themis_engine.train.parallelize import parallelize, plain_name, wants_activation_checkpointing
-from themis_engine.train.validate import Validator, accuracy_cells, grouped_accuracy
+from themis_engine.train.validate import Validator, accuracy_cells
 
 H = 3
 

@@ -36,6 +36,14 @@ def _round4(x) -> float:
     return float(np.round(np.float64(x), 4))
 
 
+def grouped_accuracy(counts: Sequence[float], wins: Sequence[float], names: Sequence[str]) -> dict[str, float]:
+    """{name: wins / count} of every group with pairs, in the order of `names`: the accuracy per
+    aspect / language / subset, before results.json rounds it to 4 decimals. The trainer's held-out
+    validation reports the same grouping (train/validate.py). Counts and wins are whole numbers, so
+    the partial counts of several ranks add up exactly."""
+    return {name: wins[i] / counts[i] for i, name in enumerate(names) if counts[i]}
+
+
 def compile_results(
     chosen: Sequence[float],
     rejected: Sequence[float],
@@ -66,11 +74,11 @@ def compile_results(
         values = np.asarray(labels[column], dtype=object)
         if len(values) != len(c):
             raise ValueError(f"compile_results: {len(values)} {column} labels for {len(c)} scores")
-        table = {}
-        for name in sorted(set(values.tolist())):
-            mask = values == name
-            table[name] = {"accuracy": _round4(correct[mask].mean()), "count": int(mask.sum())}
-        out[key] = table
+        names = sorted(set(values.tolist()))
+        counts = [int((values == name).sum()) for name in names]
+        wins = [int(correct[values == name].sum()) for name in names]
+        accuracy = grouped_accuracy(counts, wins, names)
+        out[key] = {name: {"accuracy": _round4(accuracy[name]), "count": n} for name, n in zip(names, counts)}
     return out
 
 

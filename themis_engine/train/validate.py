@@ -20,7 +20,8 @@ from typing import Iterator, Sequence
 import torch
 
 from themis_engine import distributed
-from themis_engine.train import microbatch as batching
+from themis_engine.eval.results import grouped_accuracy
+from themis_engine.train import microbatch
 
 UNLABELLED = "unlabelled"
 
@@ -32,15 +33,6 @@ def accuracy_cells(pair, num_heads: int, num_names: int) -> list[tuple[int, int]
     if num_heads > 1:
         return [(h, h) for h in ([pair.aspect_index] if pair.aspect_index >= 0 else range(num_heads))]
     return [(0, pair.aspect_index if pair.aspect_index >= 0 else num_names - 1)]
-
-
-def grouped_accuracy(counts: Sequence[float], wins: Sequence[float], names: Sequence[str]) -> dict[str, float]:
-    """{name: wins / count} of every group with pairs, in the order of `names`: the evaluator's
-    per-group accuracy (eval/results.py `compile_results`, by_aspect / by_language) before its
-    rounding to 4 decimals. Counts and wins are whole numbers, so ranks' partial counts add up
-    exactly. (A function the evaluator could share; it lives here because eval/ is not this
-    piece's to change.)"""
-    return {name: wins[i] / counts[i] for i, name in enumerate(names) if counts[i]}
 
 
 def reward_stats(sums: Sequence[float], squares: Sequence[float], counts: Sequence[float],
@@ -87,11 +79,14 @@ class Validator:
         yielded) so that FSDP's collectives stay in step."""
         H = len(self.criteria)
         mine = list(range(len(pairs)))[self.rank :: self.world]
-        mbs = batching.build_micro_batches(pairs, mine, self.budget, H, False)
+        mbs = microbatch.build_micro_batches(pairs, mine, self.budget, H, False)
         n_mb = distributed.all_reduce_max_int(len(mbs), self.device)
         for k in range(n_mb):
             real = k < len(mbs)
-            mb = mbs[k] if real else (mbs[0] if mbs else batching.build_micro_batches(pairs, [0], 1 << 30, H, False)[0])
+            if real:
+                mb = mbs[k]
+            else:  # keep the collectives in step with ranks that have more micro-batches
+                mb = mbs[0] if mbs else microbatch.build_micro_batches(pairs, [0], 1 << 30, H, False)[0]
             inputs = mb.to_torch(self.device)
             inputs["mask"] = torch.ones_like(inputs["mask"])
             _, bt, _ = self.objective(**inputs, bt_normalizer=1.0, lm_normalizer=1.0)
