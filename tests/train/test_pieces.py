@@ -18,8 +18,7 @@ from themis_engine.config import ConfigError, apply
 from themis_engine.eval.results import grouped_accuracy
 from themis_engine.model.args import DEFAULT_CRITERIA, ModelArgs
 from themis_engine.model.decoder import RewardModel
-from themis_engine.train import microbatch as batching
-from themis_engine.train import optim
+from themis_engine.train import microbatch, optim
 from themis_engine.train.__main__ import parse_config, split_legacy_shape_flags
 from themis_engine.train.checkpoint import CheckpointManager
 from themis_engine.train.config import PRESETS, OptimSection, ShapeOverrides, TrainConfig
@@ -57,9 +56,9 @@ def _objective(seed=0):
 def _loss_and_grads(obj, pairs):
     obj.zero_grad()
     ids = list(range(len(pairs)))
-    bt_norm, lm_norm = batching.global_counts(pairs, ids, H, True)
+    bt_norm, lm_norm = microbatch.global_counts(pairs, ids, H, True)
     total = 0.0
-    for mb in batching.build_micro_batches(pairs, ids, 48, H, True):
+    for mb in microbatch.build_micro_batches(pairs, ids, 48, H, True):
         loss, _, _ = obj(**mb.to_torch("cpu"), bt_normalizer=bt_norm, lm_normalizer=lm_norm)
         loss.backward()
         total += float(loss.detach())
@@ -115,11 +114,11 @@ def test_activation_checkpointing_recomputes_blocks_in_the_backward():
         _loss_and_grads(obj, pairs)
         n_train = len(calls)
         with torch.no_grad():
-            mb = batching.build_micro_batches(pairs, range(3), 10_000, H, False)[0]
+            mb = microbatch.build_micro_batches(pairs, range(3), 10_000, H, False)[0]
             obj(**mb.to_torch("cpu"), bt_normalizer=1.0, lm_normalizer=1.0)
     finally:
         handle.remove()
-    n_mb = len(batching.build_micro_batches(pairs, range(3), 48, H, True))
+    n_mb = len(microbatch.build_micro_batches(pairs, range(3), 48, H, True))
     assert n_train == 2 * 2 * n_mb  # 2 blocks, each run again in the backward
     assert len(calls) - n_train == 2  # evaluation: once per block, no recomputation
 

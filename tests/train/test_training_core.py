@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from themis_engine.model.args import ModelArgs
 from themis_engine.model.decoder import RewardModel
 from themis_engine.packing.batch import SegmentMeta
-from themis_engine.train import microbatch as batching
+from themis_engine.train import microbatch
 from themis_engine.train.objective import RewardObjective
 
 H = 3
@@ -46,9 +46,9 @@ def _objective(lm_coef=0.3, mu=0.05, seed=0):
 def _packed_grads(obj, pairs, budget):
     obj.zero_grad()
     ids = list(range(len(pairs)))
-    bt_norm, lm_norm = batching.global_counts(pairs, ids, H, True)
+    bt_norm, lm_norm = microbatch.global_counts(pairs, ids, H, True)
     total = 0.0
-    mbs = batching.build_micro_batches(pairs, ids, budget, H, True)
+    mbs = microbatch.build_micro_batches(pairs, ids, budget, H, True)
     for mb in mbs:
         loss, _, _ = obj(**mb.to_torch("cpu"), bt_normalizer=bt_norm, lm_normalizer=lm_norm)
         loss.backward()
@@ -105,7 +105,7 @@ def test_step_gradient_is_packing_invariant_and_equals_unshared_reference():
 
 def test_lm_targets_follow_the_chosen_standalone_sequence():
     pairs = _pairs(5, seed=3)
-    (mb,) = batching.build_micro_batches(pairs, range(5), 10_000, H, True)
+    (mb,) = microbatch.build_micro_batches(pairs, range(5), 10_000, H, True)
     ids = mb.packed.input_ids
     # each target row holds token t of its standalone chosen sequence and the label is token t+1
     expected = []
@@ -122,6 +122,6 @@ def test_lm_targets_follow_the_chosen_standalone_sequence():
 
 
 def test_masks_follow_aspects():
-    assert batching.pair_mask(-1, 3).tolist() == [True, True, True]
-    assert batching.pair_mask(1, 3).tolist() == [False, True, False]
-    assert batching.pair_mask(2, 1).tolist() == [True]
+    assert microbatch.pair_mask(-1, 3).tolist() == [True, True, True]
+    assert microbatch.pair_mask(1, 3).tolist() == [False, True, False]
+    assert microbatch.pair_mask(2, 1).tolist() == [True]

@@ -26,8 +26,7 @@ from themis_engine.errors import TrainingError
 from themis_engine.model import flops
 from themis_engine.model.args import ModelArgs
 from themis_engine.model.decoder import RewardModel
-from themis_engine.train import microbatch as batching
-from themis_engine.train import optim
+from themis_engine.train import microbatch, optim
 from themis_engine.train.checkpoint import CheckpointManager
 from themis_engine.train.config import TrainConfig
 from themis_engine.train.metrics import MetricsLogger
@@ -149,7 +148,7 @@ class Trainer:
                 pairs, cfg.objective.heads, list(self.aspects), prompts,
                 tuple(cfg.objective.prompt_proportions), seed=cfg.run.seed + split_no,
             )
-            # aspect_index indexes self.aspects; with one head every pair trains it (batching.pair_mask)
+            # aspect_index indexes self.aspects; with one head every pair trains it (microbatch.pair_mask)
             tokenized, stats = data_mod.tokenize_pairs(
                 pairs, self.tokenizer, cfg.data.max_length, systems, list(self.aspects), cache_dir=cache,
             )
@@ -207,7 +206,7 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ the step
-    def forward_backward(self, mb: batching.TrainMicroBatch, bt_norm: float, lm_norm: float, weight: float = 1.0):
+    def forward_backward(self, mb: microbatch.TrainMicroBatch, bt_norm: float, lm_norm: float, weight: float = 1.0):
         """One micro-batch: forward, backward (scaled by `weight`; 0 for the padding micro-batches that
         keep FSDP's collectives in step across ranks). Returns the detached pieces for metrics."""
         inputs = mb.to_torch(self.device)
@@ -222,9 +221,9 @@ class Trainer:
         ids = self.global_batch(self.step)
         H = len(self.criteria)
         with_lm = cfg.objective.lm_coef > 0
-        bt_norm, lm_norm = batching.global_counts(self.train_pairs, ids, H, with_lm)
+        bt_norm, lm_norm = microbatch.global_counts(self.train_pairs, ids, H, with_lm)
         mine = ids[self.dist.rank :: self.dist.world]
-        mbs = batching.build_micro_batches(self.train_pairs, mine, cfg.run.max_tokens_per_batch, H, with_lm)
+        mbs = microbatch.build_micro_batches(self.train_pairs, mine, cfg.run.max_tokens_per_batch, H, with_lm)
         n_mb = distributed.all_reduce_max_int(len(mbs), self.device)
         lr = self.lr_at(self.step)
         optim.set_lr(self.optimizer, lr)
@@ -264,11 +263,11 @@ class Trainer:
             norm = norm.full_tensor()
         return float(norm)
 
-    def _padding_batch(self) -> batching.TrainMicroBatch:
+    def _padding_batch(self) -> microbatch.TrainMicroBatch:
         """A rank with no pair this step still runs one forward/backward (weight 0) so that FSDP's
         collectives match across ranks."""
         H = len(self.criteria)
-        return batching.build_micro_batches(self.train_pairs, [0], self.cfg.run.max_tokens_per_batch, H,
+        return microbatch.build_micro_batches(self.train_pairs, [0], self.cfg.run.max_tokens_per_batch, H,
                                             self.cfg.objective.lm_coef > 0)[0]
 
     def _step_metrics(self, sums, H, lr, grad_norm, tokens, pairs, dt) -> dict:
