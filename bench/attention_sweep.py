@@ -9,26 +9,44 @@ that one GPU call gives the data to choose `attention_kernel.default_blocks`.
 Workloads (bench/kernels.py's): dense causal, 4 segments of 4096 tokens; prefix-shared, 16384
 tokens in groups of a 2048-token prefix + 2 suffixes of 1024..2048. Hq=32, Hkv=8, D=128, bf16.
 Each candidate is checked against the default's output and gradients on the same inputs (max
-|diff| / max |default|; a candidate over 2e-2 is marked WRONG) and timed with bench/kernels.py's
-Timer (CUDA events after an L2 flush, median). TFLOP/s count the visible (query, key) pairs only
-(forward 4*D*Hq*pairs, forward+backward 3.5x that), as bench/kernels.py does.
+|diff| / max |default|; a candidate over 2e-2 is marked WRONG) and timed with the bench harness
+(bench/_harness.py: CUDA events after an L2 flush, median). TFLOP/s count the visible (query, key)
+pairs only (forward 4*D*Hq*pairs, forward+backward 3.5x that), as bench/kernels.py does.
+Options go through themis_engine.config (`--key value`, a flag alone for true; --help lists them).
 """
 
-from __future__ import annotations
-
-import argparse
 import importlib.util
 import json
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+BENCH = str(Path(__file__).resolve().parent)
+if BENCH not in sys.path:  # bench/: the shared harness
+    sys.path.insert(0, BENCH)
+import _harness as harness  # noqa: E402
+
+from themis_engine.config import option  # noqa: E402
+
+ROOT = harness.ROOT
+PROG = "python bench/attention_sweep.py"
+
+
+@dataclass
+class SweepConfig:
+    """Time candidate tile sizes of the attention kernel (or compile them statically)."""
+
+    head_dim: int = option(128, "head dimension of the workloads (the candidate list depends on it)")
+    static: bool = option(False, "no GPU: compile the candidates for --arch and report shared memory, "
+                                 "registers and spills")
+    arch: int = option(90, "--static: the SM architecture to compile for")
+    repeat_ms: float = option(200.0, "GPU time to spend repeating each measurement")
+    cpu: bool = option(False, "smoke mode: tiny sizes, two candidates, Triton interpreter")
+    json: Optional[str] = option(None, "also write the rows to this JSON file")
 
 
 def _bench_kernels():
@@ -94,7 +112,9 @@ def sweep(head_dim: int, repeat_ms: float, cpu: bool = False) -> list[dict]:
 
     bk = _bench_kernels()
     dev = torch.device("cpu" if cpu else "cuda")
-    timer = bk.Timer(dev, repeat_ms, 1 if cpu else 5, 50)
+
+    def timer(fn) -> harness.Timing:
+        return harness.benchmark(fn, dev, warmup=1, repeats=1 if cpu else 5, target_ms=repeat_ms, max_repeats=50)
     Hq, Hkv, dt = (4, 1, torch.float32) if cpu else (32, 8, torch.bfloat16)
     if cpu:  # smoke: every code path at tiny sizes under the Triton interpreter
         workloads = {"dense": bk.dense_workload(2, 48), "prefix": bk.prefix_workload(160, 32, (16, 40), 2)}
@@ -124,7 +144,7 @@ def sweep(head_dim: int, repeat_ms: float, cpu: bool = False) -> list[dict]:
                     base = outs
                 row["max_rel_diff_vs_first"] = max(float((a.float() - b.float()).abs().max() / b.float().abs().max())
                                                    for a, b in zip(outs, base))
-                t_f, t_fb = timer(fwd)["ms"], timer(fwd_bwd)["ms"]
+                t_f, t_fb = timer(fwd).median_ms, timer(fwd_bwd).median_ms
                 row.update(fwd_ms=t_f, fwd_bwd_ms=t_fb, fwd_tflops=fwd_flops / t_f / 1e9,
                            fwd_bwd_tflops=3.5 * fwd_flops / t_fb / 1e9)
             except Exception as err:  # noqa: BLE001 - a candidate that fails is reported, the sweep goes on
@@ -135,38 +155,37 @@ def sweep(head_dim: int, repeat_ms: float, cpu: bool = False) -> list[dict]:
 
 
 def print_table(rows):
-    print("| workload | fwd_m fwd_n dq_m dq_n dkv_m dkv_n fwd_w bwd_w stages | fwd ms | fwd TFLOP/s | fwd+bwd ms | "
-          "fwd+bwd TFLOP/s | rel diff vs first |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    table = []
     for r in rows:
         b = " ".join(str(x) for x in r["blocks"].values())
         if "error" in r:
-            print(f"| {r['workload']} | {b} | ERROR {r['error'][:80]} | | | | |")
+            table.append([r["workload"], b, f"ERROR {r['error'][:80]}", "", "", "", ""])
             continue
         flag = " WRONG" if r["max_rel_diff_vs_first"] > 2e-2 else ""
-        print(f"| {r['workload']} | {b} | {r['fwd_ms']:.3f} | {r['fwd_tflops']:.0f} | {r['fwd_bwd_ms']:.3f} | "
-              f"{r['fwd_bwd_tflops']:.0f} | {r['max_rel_diff_vs_first']:.1e}{flag} |")
+        table.append([r["workload"], b, f"{r['fwd_ms']:.3f}", f"{r['fwd_tflops']:.0f}", f"{r['fwd_bwd_ms']:.3f}",
+                      f"{r['fwd_bwd_tflops']:.0f}", f"{r['max_rel_diff_vs_first']:.1e}{flag}"])
+    print(harness.markdown_table(["workload", "fwd_m fwd_n dq_m dq_n dkv_m dkv_n fwd_w bwd_w stages", "fwd ms",
+                                  "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s", "rel diff vs first"], table))
+
+
+def parse_args(argv=None) -> SweepConfig:
+    return harness.parse(SweepConfig, argv, prog=PROG, description=__doc__)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--static", action="store_true", help="no GPU: compile the candidates for --arch and report")
-    p.add_argument("--arch", type=int, default=90)
-    p.add_argument("--repeat-ms", type=float, default=200.0)
-    p.add_argument("--cpu", action="store_true", help="smoke mode: tiny sizes, two candidates, Triton interpreter")
-    p.add_argument("--json", default=None)
-    opt = p.parse_args(argv)
+    opt = parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() and not (opt.cpu or opt.static) else "cpu")
+    env = harness.environment(dev, "attention_sweep.py", argv)
     if opt.static:
         rows = static(opt.head_dim, opt.arch)
     else:
         if not opt.cpu and not torch.cuda.is_available():
             sys.exit("no CUDA GPU here: --static compiles the candidates without one, --cpu is a smoke run")
         rows = sweep(opt.head_dim, opt.repeat_ms, cpu=opt.cpu)
+        print()
+        print(harness.header("attention tile sweep", env, f"head_dim {opt.head_dim}"))
         print_table(rows)
-    if opt.json:
-        with open(opt.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    harness.write_json(opt.json, {"env": env, "rows": rows})
     return rows
 
 

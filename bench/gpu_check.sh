@@ -11,9 +11,12 @@
 #
 # Steps: estimate / limit in seconds (a step is skipped when less than its estimate is left before
 # DEADLINE, and stopped at its limit or at DEADLINE), what each ran in before (H200, 2026-11-26):
-#   tests    150/220  every GPU test, in 5 parallel pytest shards (Triton compiles on 16 cores at once);
-#                     the kernel files run whole (their interpreter-sized awkward shapes compile on the
-#                     card too), the rest of tests/ with -m gpu. 32 kernel tests took 159 s serially.
+#   tests    150/220  every GPU test, in 5 parallel pytest shards (Triton compiles on 16 cores at once),
+#                     cut by folder, marker and op keyword, never by file name: tests/kernels whole (its
+#                     interpreter-sized awkward shapes compile on the card too) in 4 disjoint -k shards
+#                     (attention; RMSNorm / RoPE / SwiGLU; BT loss, linear CE, the convergence run; the
+#                     rest, less the slow no-GPU sm_90 compile check), then `tests -m gpu` outside
+#                     tests/kernels. 32 kernel tests took 159 s serially.
 #   kernels  140/150  bench/kernels.py (its own budget: 130 s): every kernel vs eager / SDPA / FlexAttention
 #   tp06      45/90   scoring, qwen3-0.6b, engine vs transformers (about 40 s before)
 #   tp8       70/120  scoring, qwen3-8b, engine vs transformers (about 60 s before)
@@ -62,28 +65,31 @@ step() {  # step NAME ESTIMATE LIMIT CMD...: skipped when less than ESTIMATE sec
   pack
 }
 
-KERNEL_FILES="tests/kernels/test_attention_kernel.py tests/kernels/test_block_kernels.py tests/kernels/test_bt_loss_kernel.py \
-tests/kernels/test_linear_ce_kernel.py tests/model/test_model_kernels.py tests/kernels/test_convergence.py"
+# tests/kernels is cut into shards by op keyword (pytest -k): each shard takes its group less the
+# groups before it, and the last kernel shard takes what no group matched, so every test of the
+# folder runs in exactly one shard whatever files it gains. The last shard leaves out the slow tests
+# that need no GPU (the static sm_90 compile check, made for machines without a card).
+KERNEL_GROUPS=("attention" "rms_norm or rope or swiglu" "bt_loss or linear_ce or convergence")
+test_shard() {  # test_shard PYTEST-ARGS...: one pytest in the background, logged to tests<k>.log
+  # shellcheck disable=SC2154  # k, limit, pids: run_tests' locals
+  timeout -k 15 "$limit" python3 -m pytest -q -p no:cacheprovider -rfE --durations=3 "$@" \
+    >"$LOGS/tests$k.log" 2>&1 &
+  pids+=($!)
+  echo "tests$k: pytest $*" >>"$LOGS/tests_shards.txt"
+  k=$((k + 1))
+}
 run_tests() {
-  local est=150 limit=220 t0=$SECONDS pids=() k=0 left
+  local est=150 limit=220 t0=$SECONDS pids=() k=0 left seen="" group
   left=$(remaining)
   if (( left < est )); then status+=("tests skipped (${left}s left before the deadline)"); return; fi
   (( limit > left )) && limit=$left
-  local ignore=""
-  for f in $KERNEL_FILES; do ignore="$ignore --ignore=$f"; done
-  local shards=(
-    "tests/kernels/test_attention_kernel.py"
-    "tests/kernels/test_block_kernels.py"
-    "tests/kernels/test_bt_loss_kernel.py"
-    "tests/kernels/test_linear_ce_kernel.py tests/model/test_model_kernels.py tests/kernels/test_convergence.py"
-    "tests/ -m gpu $ignore"
-  )
-  for shard in "${shards[@]}"; do
-    # shellcheck disable=SC2086
-    timeout -k 15 "$limit" python3 -m pytest -q -p no:cacheprovider -rfE --durations=3 $shard \
-      >"$LOGS/tests$k.log" 2>&1 &
-    pids+=($!); k=$((k + 1))
+  : >"$LOGS/tests_shards.txt"
+  for group in "${KERNEL_GROUPS[@]}"; do
+    test_shard tests/kernels -k "($group)${seen:+ and not ($seen)}"
+    seen="${seen:+$seen or }$group"
   done
+  test_shard tests/kernels -m "gpu or not slow" -k "not ($seen)"
+  test_shard tests -m gpu --ignore=tests/kernels
   local rc=0 i
   for i in "${!pids[@]}"; do wait "${pids[$i]}" || rc=$?; done
   status+=("tests rc=$rc $((SECONDS - t0))s")
@@ -124,7 +130,7 @@ echo "== gpu_check summary ($((SECONDS - T0))s) =="
 printf '%s\n' "${status[@]}"
 grep -E "^FAILED|^ERROR| passed| failed| skipped in" "$LOGS"/tests?.log 2>/dev/null | head -20
 for f in tp06 tp06ref tp8 cuda tr17 tr8 tr8lean tp32 stream sweep; do
-  [ -f "$LOGS/$f.log" ] && grep -E "^\| |speedup|token ratio|fp8 / bf16|streamed /|^training|^recipe|Error" "$LOGS/$f.log"
+  [ -f "$LOGS/$f.log" ] && grep -E "^\| |speedup|token ratio|fp8 / bf16|streamed /|^scoring|^training|^recipe|^large-model|^layer streaming|Error" "$LOGS/$f.log"
 done
 [ -f "$LOGS/kernels.log" ] && grep -E "^\||target" "$LOGS/kernels.log" | tail -24
 } 2>&1 | tee "$LOGS/summary.txt"

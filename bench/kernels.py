@@ -34,36 +34,35 @@ What is measured (GPU; bf16 unless said; the kernels are called from their modul
 
 "fwd" is the forward of a training step (inputs require grad, grad mode on, the backward not run);
 "fwd+bwd" is forward plus `torch.autograd.grad` (no .grad accumulation); linear CE's "fwd (no grad)"
-is the loss alone under no_grad. Timing (GPU): each call once for compilation, then warm-up, then
-repetitions (about --repeat-ms of work, at least --min-reps, at most --max-reps) each timed with CUDA
-events after a 256 MiB memset that flushes L2 (so inputs never sit in L2 between repetitions); the
-median is reported. "err" is max|x - x_ref| / max|x_ref| against the reference's output (fwd) or, the
-largest over the tensors, its input gradients (fwd+bwd). Targets of the kernels issue are printed last, met / missed with the ratio.
+is the loss alone under no_grad. Timing (GPU; bench/_harness.py, the harness of every bench script):
+each call once for compilation, then warm-up, then repetitions (about --repeat-ms of work, at least
+--min-reps, at most --max-reps) each timed with CUDA events after a 256 MiB memset that flushes L2
+(so inputs never sit in L2 between repetitions); the median is reported. "err" is
+max|x - x_ref| / max|x_ref| against the reference's output (fwd) or, the largest over the tensors,
+its input gradients (fwd+bwd). Targets of the kernels issue are printed last, met / missed with the
+ratio.
 
 A time budget (--budget-s, 130 s) keeps the run inside the check script's limit: once spent, the
 optional baselines (reference, FlexAttention, eager) are skipped and marked so; on SIGTERM the tables
 collected so far are printed and written. `--cpu` timings are interpreter timings: meaningless, the mode
 only checks that every path runs (FlexAttention runs eager and forward-only there: it has no CPU
 backward).
+
+Options go through themis_engine.config (`--key value`, `--key=value`, a flag alone for true,
+`--config FILE.yaml`); `python bench/kernels.py --help` lists them.
 """
 
-from __future__ import annotations
-
-import argparse
 import contextlib
-import json
-import math
 import os
 import random
 import signal
-import statistics
-import subprocess
 import sys
 import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 if "--cpu" in sys.argv[1:]:
     # the Triton interpreter must be chosen before triton (and so the kernel modules) is imported
@@ -72,9 +71,40 @@ if "--cpu" in sys.argv[1:]:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a tree that was not pip-installed
-    sys.path.insert(0, str(ROOT))
+BENCH = str(Path(__file__).resolve().parent)
+if BENCH not in sys.path:  # bench/: the shared harness
+    sys.path.insert(0, BENCH)
+import _harness as harness  # noqa: E402
+
+from themis_engine.config import ConfigError, option  # noqa: E402
+
+PROG = "python bench/kernels.py"
+SECTIONS = ("copy", "attention", "bt_loss", "blocks", "linear_ce")
+
+
+@dataclass
+class KernelsConfig:
+    """Every Triton kernel against its eager PyTorch reference, side by side."""
+
+    cpu: bool = option(False, "smoke mode: tiny sizes on the CPU, Triton interpreter")
+    quick: bool = option(True, "the default sizes and repeat counts (kept for old command lines; no effect)")
+    full: bool = option(False, "more repetitions (about 4x the time per measurement)")
+    json: Optional[str] = option(None, "write every number to this JSON file")
+    only: list[str] = option(list(SECTIONS), "comma-separated subset of: " + ", ".join(SECTIONS))
+    budget_s: float = option(130.0, "after this many seconds the optional baselines are skipped")
+    repeat_ms: Optional[float] = option(None, "GPU time to spend repeating each measurement "
+                                              "(default 50, --full 200; --cpu: one repetition)")
+    min_reps: Optional[int] = option(None, "at least this many repetitions (default 3, --full 5, --cpu 1)")
+    max_reps: Optional[int] = option(None, "at most this many repetitions (default 25, --full 100, --cpu 1)")
+    no_flex: bool = option(False, "skip FlexAttention (its compile takes the longest)")
+
+    def check(self) -> None:
+        unknown = sorted(set(self.only) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"--only: unknown sections {unknown}; known: {', '.join(SECTIONS)}")
+        for key in ("min_reps", "max_reps"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
 
 TARGETS = {  # the kernels issue's GPU targets
     "attn_vs_flex": 1.2,  # fwd+bwd speed ratio over FlexAttention, prefix-shared mask
@@ -143,66 +173,6 @@ class Clock:
         return self.budget_s - self.elapsed()
 
 
-class Timer:
-    """Median time in ms of fn(): CUDA events around each call after an L2 flush (GPU), or
-    perf_counter (CPU)."""
-
-    def __init__(self, device: torch.device, repeat_ms: float, min_reps: int, max_reps: int):
-        self.device = device
-        self.repeat_ms, self.min_reps, self.max_reps = repeat_ms, min_reps, max_reps
-        self.flush = torch.empty(256 << 20, dtype=torch.int8, device=device) if device.type == "cuda" else None
-
-    def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def __call__(self, fn) -> dict:
-        if self.device.type != "cuda":
-            fn()  # compile / warm
-            times = []
-            for _ in range(self.min_reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return {"ms": statistics.median(times), "reps": len(times)}
-        fn()  # compile
-        self.sync()
-        # estimate from two calls, then warm up for ~1/4 of the repeat time
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(2):
-            fn()
-        end.record()
-        self.sync()
-        est = max(start.elapsed_time(end) / 2, 1e-3)
-        for _ in range(min(int(0.25 * self.repeat_ms / est), 20)):
-            fn()
-        reps = max(self.min_reps, min(self.max_reps, int(self.repeat_ms / est)))
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for s, e in events:
-            self.flush.zero_()
-            s.record()
-            fn()
-            e.record()
-        self.sync()
-        times = [s.elapsed_time(e) for s, e in events]
-        return {"ms": statistics.median(times), "reps": reps}
-
-
-def peak_extra_gib(fn, device) -> float | None:
-    """Peak memory of one fn() above what was allocated before it (GPU only)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return peak / 2**30
-
-
 # --------------------------------------------------------------------------------------------
 # Rows and the run's state
 # --------------------------------------------------------------------------------------------
@@ -224,15 +194,20 @@ class Impl:
 
 @dataclass
 class Run:
-    opt: argparse.Namespace
+    opt: KernelsConfig
     device: torch.device
     sizes: Sizes
     clock: Clock
-    timer: Timer
     env: dict = field(default_factory=dict)
     sections: dict = field(default_factory=dict)  # name -> {"title", "columns", "rows"}
     targets: list = field(default_factory=list)
     copy_gbps: float | None = None
+
+    def time(self, fn) -> harness.Timing:
+        """fn() timed by the harness with this run's repetition settings (one compile / warm-up call)."""
+        o = self.opt
+        return harness.benchmark(fn, self.device, warmup=1, repeats=o.min_reps, target_ms=o.repeat_ms,
+                                 max_repeats=o.max_reps)
 
 
 def _flat(x):
@@ -262,7 +237,8 @@ def measure_op(run: Run, section: str, impls: list[Impl], *, flops: dict | None 
     # the reference first, so that the others' errors and speed-ups can be computed
     order = sorted(impls, key=lambda i: i.name != ref_name)
     for impl in order:
-        for pass_name, fn, view in ((impl.fwd_label, impl.fwd, impl.fwd_view), ("fwd+bwd", impl.fwdbwd, impl.grad_view)):
+        passes = ((impl.fwd_label, impl.fwd, impl.fwd_view), ("fwd+bwd", impl.fwdbwd, impl.grad_view))
+        for pass_name, fn, view in passes:
             if fn is None:
                 continue
             key = "fwd+bwd" if pass_name == "fwd+bwd" else "fwd"
@@ -276,16 +252,16 @@ def measure_op(run: Run, section: str, impls: list[Impl], *, flops: dict | None 
                     out = fn()
                     result = _detach((view or (lambda r: r))(out))
                     del out
-                    t = run.timer(fn)
-                row.update(ms=t["ms"], reps=t["reps"])
+                    t = run.time(fn)
+                row.update(ms=t.median_ms, reps=t.reps)
                 if impl.name == ref_name:
-                    ref_out[key], ref_ms[key] = result, t["ms"]
+                    ref_out[key], ref_ms[key] = result, t.median_ms
                     row["err"] = 0.0 if result is not None else None
                 elif key in ref_out:
                     row["err"] = rel_err(result, ref_out[key])
                 del result
                 if impl.peak and pass_name == "fwd+bwd":
-                    row["peak_gib"] = peak_extra_gib(fn, run.device)
+                    row["peak_gib"] = harness.peak_extra_gib(fn, run.device)
             except Stopped:
                 raise
             except Exception as err:  # an OOM, or a baseline the installed torch lacks: note it, go on
@@ -345,14 +321,14 @@ def section_copy(run: Run):
     n = run.sizes.copy_bytes
     src = torch.empty(n, dtype=torch.uint8, device=run.device).random_(0, 255)
     dst = torch.empty_like(src)
-    t = run.timer(lambda: dst.copy_(src))
-    gbps = 2 * n / (t["ms"] * 1e-3) / 1e9
+    t = run.time(lambda: dst.copy_(src))
+    gbps = 2 * n / t.median_s / 1e9
     run.copy_gbps = gbps
-    rows = [{"section": "copy", "impl": "torch copy_", "pass": f"{n / 2**30:.3g} GiB d2d", "ms": t["ms"],
-             "reps": t["reps"], "gbps": gbps, "copy_frac": 1.0, "note": "read + write bytes"}]
+    rows = [{"section": "copy", "impl": "torch copy_", "pass": f"{n / 2**30:.3g} GiB d2d", "ms": t.median_ms,
+             "reps": t.reps, "gbps": gbps, "copy_frac": 1.0, "note": "read + write bytes"}]
     add_section(run, "copy", "device-to-device copy (the bandwidth yardstick)", rows,
                 ["impl", "pass", "ms", "gbps", "note"])
-    del src, dst
+    src = dst = None  # 2 x copy_bytes back before the next section
 
 
 def prefix_workload(total: int, prefix: int, suffix: tuple[int, int], k: int, seed: int = 0):
@@ -602,8 +578,8 @@ def section_bt(run: Run):
     e = torch.finfo(dt).bits // 8
     nbytes = {"fwd": 2 * N * D * e + H * D * e, "fwd+bwd": 6 * N * D * e + 3 * H * D * e}
     rows = measure_op(run, "bt_loss", impls, nbytes=nbytes)
-    add_section(run, "bt_loss", f"bt_loss: N={N} pairs, H={H}, D={D} {str(dt).replace('torch.', '')}, mu=0.01 centering",
-                rows, ["impl", "pass", "ms", "gbps", "copy_frac", "x_ref", "err", "note"])
+    title = f"bt_loss: N={N} pairs, H={H}, D={D} {str(dt).replace('torch.', '')}, mu=0.01 centering"
+    add_section(run, "bt_loss", title, rows, ["impl", "pass", "ms", "gbps", "copy_frac", "x_ref", "err", "note"])
 
 
 def section_lce(run: Run):
@@ -693,7 +669,8 @@ def section_blocks(run: Run):
 
     # RMSNorm [T, hidden], weight in the model dtype
     T, Dm = run.sizes.norm
-    x, r, w = rnd(T, Dm).requires_grad_(True), rnd(T, Dm).requires_grad_(True), (1 + rnd(Dm, s=0.1)).requires_grad_(True)
+    x, r = rnd(T, Dm).requires_grad_(True), rnd(T, Dm).requires_grad_(True)
+    w = (1 + rnd(Dm, s=0.1)).requires_grad_(True)
     eps = 1e-6
     run_op("rms_norm", f"rms_norm: [{T}, {Dm}]",
            lambda x, w: rmsnorm_kernel.rms_norm(x, w, eps), lambda x, w: reference.rms_norm(x, w, eps),
@@ -817,11 +794,14 @@ HEADERS = {"impl": "impl", "pass": "pass", "ms": "median ms", "tflops": "TFLOP/s
            "peak_gib": "peak GiB", "note": "note"}
 
 
+def _table(columns: list[str], rows: list[dict], first: list[str] = ()) -> str:
+    heads = [HEADERS.get(c, c) for c in (*first, *columns)]
+    return harness.markdown_table(heads, [[_fmt(c, r.get(c)) for c in (*first, *columns)] for r in rows])
+
+
 def print_tables(run: Run):
     print()
-    env = run.env
-    print(f"kernel benchmarks | card: {env.get('card')} | torch {env.get('torch')} | triton {env.get('triton')} | "
-          f"commit {env.get('commit')} | {run.clock.elapsed():.0f} s")
+    print(harness.header("kernel benchmarks", run.env, f"{run.clock.elapsed():.0f} s"))
     if run.device.type != "cuda":
         print("(--cpu smoke mode: Triton interpreter, tiny sizes; timings are meaningless)")
     blocks = ("rms_norm", "rms_norm_residual", "rope", "qk_norm_rope", "swiglu")
@@ -832,26 +812,17 @@ def print_tables(run: Run):
             continue
         print()
         print(f"### {sec['title']}")
-        cols = sec["columns"]
-        print("| " + " | ".join(HEADERS[c] for c in cols) + " |")
-        print("|" + " --- |" * len(cols))
-        for r in sec["rows"]:
-            print("| " + " | ".join(_fmt(c, r.get(c)) for c in cols) + " |")
+        print(_table(sec["columns"], sec["rows"]))
     present = [b for b in blocks if b in run.sections]
     block_rows = [r for b in present for r in _rows(run, b)]
     if block_rows:
         print()
         print("### block ops: " + "; ".join(run.sections[b]["title"] for b in present))
-        cols = ["op"] + run.sections[present[0]]["columns"]
-        print("| " + " | ".join(HEADERS.get(c, c) for c in cols) + " |")
-        print("|" + " --- |" * len(cols))
-        for r in block_rows:
-            print("| " + " | ".join(_fmt(c, r.get(c)) for c in cols) + " |")
+        print(_table(run.sections[present[0]]["columns"], block_rows, first=["op"]))
     print()
     copy = f"{_fmt('gbps', run.copy_gbps)} GB/s" if run.copy_gbps else "not measured"
     print(f"### targets of the kernels issue (copy bandwidth {copy})")
-    print("| target | measured | required | status |")
-    print("| --- | --- | --- | --- |")
+    rows = []
     for t in run.targets:
         if t["unit"] == "frac":
             m = "" if t["measured"] is None else f"{t['measured']:.0%}"
@@ -859,46 +830,29 @@ def print_tables(run: Run):
         else:
             m = "" if t["measured"] is None else f"{t['measured']:.2f}x"
             need = f">= {t['required']:.1f}x"
-        print(f"| {t['target']} | {m} | {need} | {t['status']} |")
+        rows.append([t["target"], m, need, t["status"]])
+    print(harness.markdown_table(["target", "measured", "required", "status"], rows))
 
 
 def write_json(run: Run):
-    if not run.opt.json:
-        return
-    data = {
+    """Every number so far to --json (rewritten after each section, so a run cut off keeps them)."""
+    harness.write_json(run.opt.json, {
         "env": run.env,
-        "sizes": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(run.sizes).items()},
+        "sizes": vars(run.sizes),
         "copy_gbps": run.copy_gbps,
         "sections": run.sections,
         "targets": run.targets,
         "elapsed_s": run.clock.elapsed(),
         "timing": {"repeat_ms": run.opt.repeat_ms, "min_reps": run.opt.min_reps, "max_reps": run.opt.max_reps,
                    "statistic": "median", "l2_flush": run.device.type == "cuda"},
-    }
-    path = Path(run.opt.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
-    tmp.replace(path)
+    })
 
 
-def environment(device: torch.device) -> dict:
-    import triton
-
-    env = {"torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
-           "triton_interpret": os.environ.get("TRITON_INTERPRET", "0")}
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        env.update(card=p.name, sm_count=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1))
-    else:
-        env["card"] = "cpu"
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True, timeout=5).stdout.strip() or None
-    except Exception:
-        env["commit"] = None
+def environment(device: torch.device, argv) -> dict:
+    """The harness's environment header, plus which implementation each op dispatches to here."""
     from themis_engine import kernels
 
+    env = harness.environment(device, "kernels.py", argv)
     probe = torch.empty(1, device=device)
     env["dispatch"] = {op: kernels.backend_for(op, probe) for op in kernels.KERNEL_MODULES}
     return env
@@ -907,23 +861,9 @@ def environment(device: torch.device) -> dict:
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
-SECTIONS = ("copy", "attention", "bt_loss", "blocks", "linear_ce")
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cpu", action="store_true", help="smoke mode: tiny sizes on the CPU, Triton interpreter")
-    p.add_argument("--quick", action="store_true", default=True, help="the default sizes and repeat counts")
-    p.add_argument("--full", action="store_true", help="more repetitions (about 4x the time per measurement)")
-    p.add_argument("--json", default=None, help="write every number to this JSON file")
-    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated subset of: " + ", ".join(SECTIONS))
-    p.add_argument("--budget-s", type=float, default=130.0,
-                   help="after this many seconds the optional baselines are skipped (default 130)")
-    p.add_argument("--repeat-ms", type=float, default=None, help="GPU time to spend repeating each measurement")
-    p.add_argument("--min-reps", type=int, default=None)
-    p.add_argument("--max-reps", type=int, default=None)
-    p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes the longest)")
-    opt = p.parse_args(argv)
+def parse_args(argv=None) -> KernelsConfig:
+    """The config from the command line, with the repetition defaults of the mode filled in."""
+    opt = harness.parse(KernelsConfig, argv, prog=PROG, description=__doc__)
     if opt.cpu:
         opt.repeat_ms = opt.repeat_ms or 0.0
         opt.min_reps = opt.min_reps or 1
@@ -954,13 +894,9 @@ def main(argv=None) -> dict:
         sizes = GPU_SIZES
     torch.manual_seed(0)
     clock = Clock(opt.budget_s)
-    run = Run(opt=opt, device=device, sizes=sizes, clock=clock,
-              timer=Timer(device, opt.repeat_ms, opt.min_reps, opt.max_reps))
-    run.env = environment(device)
-    only = [s.strip() for s in opt.only.split(",") if s.strip()]
-    unknown = set(only) - set(SECTIONS)
-    if unknown:
-        sys.exit(f"--only: unknown sections {sorted(unknown)}; known: {', '.join(SECTIONS)}")
+    run = Run(opt=opt, device=device, sizes=sizes, clock=clock)
+    run.env = environment(device, argv)
+    only = opt.only
 
     def on_term(signum, frame):
         _STOP["requested"] = True

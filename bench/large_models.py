@@ -28,52 +28,71 @@ What it does, in one process, on the same card:
 
 tokens/s and MFU count each unique token once (shared prefixes once, no padding); MFU of both bf16
 and FP8 is against the card's dense bf16 peak (so the FP8/bf16 MFU ratio is the speedup).
+Timing: bench/_harness.py (warm-up on a slice, then --repeats runs between CUDA events, the median);
+the summary starts with the environment header (date, commit, card, versions, command line).
+Options go through themis_engine.config (`--key value`, a flag alone for true; --help lists them).
 """
 
-from __future__ import annotations
-
-import argparse
 import gc
-import json
-import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+BENCH = str(Path(__file__).resolve().parent)
+if BENCH not in sys.path:  # bench/: the shared harness
+    sys.path.insert(0, BENCH)
+import _harness as harness  # noqa: E402
 
 import themis_engine as te  # noqa: E402
-from themis_engine.packing import planner as packing  # noqa: E402
-from themis_engine.model.args import ModelArgs, rope_inv_freq  # noqa: E402
-from themis_engine.scoring.budget import auto_token_budget  # noqa: E402
-from themis_engine.model.flops import DENSE_BF16_PEAK_TFLOPS, attention_flops, linear_flops_per_token  # noqa: E402
+from themis_engine.config import ConfigError, option  # noqa: E402
+from themis_engine.data.workload import crb_like_pairs  # noqa: E402
+from themis_engine.model.args import NAMED_SHAPES, ModelArgs, rope_inv_freq  # noqa: E402
+from themis_engine.model.flops import attention_flops, linear_flops_per_token  # noqa: E402
 from themis_engine.model.fp8 import fp8_backend, quantize_model  # noqa: E402
 from themis_engine.model.offload import stream_layers  # noqa: E402
-from themis_engine.data.workload import crb_like_pairs  # noqa: E402
+from themis_engine.packing import planner as packing  # noqa: E402
+from themis_engine.scoring.budget import auto_token_budget  # noqa: E402
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="qwen3-32b", help="a built-in shape: " + ", ".join(te.model.args.NAMED_SHAPES))
-    p.add_argument("--pairs", type=int, default=48, help="CRB-like pairs in the workload")
-    p.add_argument("--max-length", type=int, default=4096, help="longest standalone sequence")
-    p.add_argument("--max-tokens-per-batch", type=int, default=None, help="token budget (default: from free memory)")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per configuration (median)")
-    p.add_argument("--stream-layers", type=int, default=8, help="blocks of the streaming comparison model")
-    p.add_argument("--stream-budget", type=int, default=None, help="token budget of the streaming comparison")
-    p.add_argument("--fast-accum", action="store_true", help="FP8 GEMMs with _scaled_mm's fast accumulation")
-    p.add_argument("--skip-fp8", action="store_true")
-    p.add_argument("--skip-streaming", action="store_true")
-    p.add_argument("--streaming-only", action="store_true", help="only step 5 (no full-size model is built)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by card)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cpu", action="store_true", help="smoke mode: a tiny model on the CPU, float32")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    return p.parse_args(argv)
+PROG = "python bench/large_models.py"
+
+
+@dataclass
+class LargeModelsConfig:
+    """Scoring a large reward model on one GPU: bf16 vs FP8 weights, layer streaming vs resident."""
+
+    model: str = option("qwen3-32b", "a built-in shape: " + ", ".join(NAMED_SHAPES))
+    pairs: int = option(48, "CRB-like pairs in the workload")
+    max_length: int = option(4096, "longest standalone sequence (prompt + response) in tokens")
+    max_tokens_per_batch: Optional[int] = option(None, "token budget (default: from free memory, as the Scorer)")
+    repeats: int = option(2, "timed runs per configuration (median)")
+    stream_layers: int = option(8, "blocks of the streaming comparison model")
+    stream_budget: Optional[int] = option(None, "token budget of the streaming comparison (default: its auto budget)")
+    fast_accum: bool = option(False, "FP8 GEMMs with _scaled_mm's fast accumulation")
+    skip_fp8: bool = option(False, "skip step 4 (FP8 weights)")
+    skip_streaming: bool = option(False, "skip step 5 (layer streaming)")
+    streaming_only: bool = option(False, "only step 5 (no full-size model is built)")
+    peak_tflops: Optional[float] = option(None, "dense bf16 peak for MFU (default: by card name)")
+    seed: int = option(0, "weights and workload seed")
+    cpu: bool = option(False, "smoke mode: a tiny model on the CPU, float32")
+    json: Optional[str] = option(None, "also write the results to this JSON file")
+
+    def check(self) -> None:
+        """Raise ConfigError naming the first option that cannot work."""
+        for key in ("pairs", "max_length", "repeats", "stream_layers", "max_tokens_per_batch", "stream_budget"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+        if not self.cpu and self.model.lower() not in NAMED_SHAPES:
+            raise ConfigError(f"--model {self.model!r} is not a built-in shape ({', '.join(NAMED_SHAPES)})")
+
+
+def parse_args(argv=None) -> LargeModelsConfig:
+    return harness.parse(LargeModelsConfig, argv, prog=PROG, description=__doc__)
 
 
 # ------------------------------------------------------------------------------------ model
@@ -100,11 +119,6 @@ def random_reward_model(args: ModelArgs, device: torch.device, dtype: torch.dtyp
 
 
 # ------------------------------------------------------------------------------------ timing
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def score(scorer, work) -> torch.Tensor:
     out = scorer.score_token_groups(work.prefix_ids, [[c, r] for c, r in zip(work.chosen_ids, work.rejected_ids)])
     return torch.stack(out)  # [pairs, 2, H]
@@ -120,23 +134,21 @@ def measure(model, work, warm, budget, device, repeats, max_length, args, peak) 
     """Warm-up on `warm`, then `repeats` timed runs over `work`; tokens/s, MFU, peak memory."""
     scorer = te.Scorer(model, tokenizer=None, max_length=max_length, max_tokens_per_batch=budget)
     score(scorer, warm)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        scores = score(scorer, work)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    t = statistics.median(times)
+    harness.reset_peak_memory(device)
+    last = {}
+
+    def run():
+        last["scores"] = score(scorer, work)
+
+    timing = harness.benchmark(run, device, repeats=repeats, warmup=0)
+    t, times, scores = timing.median_s, timing.times_s, last["scores"]
     batches = plan(work, budget)
     unique = sum(b.num_tokens for b in batches)
     flops = unique * linear_flops_per_token(args) + attention_flops(args, batches)
     row = dict(
         seconds=t, times=times, tokens_per_s=unique / t, pairs_per_s=len(work) / t, unique_tokens=unique,
         micro_batches=len(batches), budget=budget, mfu=flops / t / (peak * 1e12) if peak else float("nan"),
-        peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan"),
+        peak_gib=harness.peak_memory_gib(device),
     )
     return row, scores
 
@@ -165,17 +177,11 @@ def block_copy_ms(srm, device) -> float:
     if device.type != "cuda":
         return float("nan")
     buf, src = srm.block_buffers[0], srm.host_arenas[min(1, srm.num_layers - 1)]
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(srm.copy_stream):
-            a.record()
-            buf.arena.copy_(src, non_blocking=True)
-            b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+    with torch.cuda.stream(srm.copy_stream):  # the harness's events on the copy stream
+        timing = harness.benchmark(lambda: buf.arena.copy_(src, non_blocking=True), device, repeats=5, warmup=0,
+                                   flush=False)
     buf.layer = None  # its content is no longer a known block
-    return statistics.median(times)
+    return timing.median_ms
 
 
 def full_model(opt, args, work, warm, device, dtype, max_length, peak, result, t0) -> int:
@@ -234,11 +240,13 @@ def main(argv=None):
         args = ModelArgs.from_name(opt.model)
         pairs, max_length = opt.pairs, opt.max_length
         card = torch.cuda.get_device_name(device)
-        peak = opt.peak_tflops or next((v for k, v in DENSE_BF16_PEAK_TFLOPS.items() if k in card), None)
+        peak = harness.peak_tflops(device, opt.peak_tflops)
+    env = harness.environment(device, "large_models.py", argv)
     args.pad_token_id = 0
     work = crb_like_pairs(pairs, args.vocab_size, max_length=max_length, seed=opt.seed)
     warm = crb_like_pairs(min(4, pairs), args.vocab_size, max_length=max_length, seed=opt.seed + 1)
-    result = dict(card=card, model="tiny" if opt.cpu else opt.model, pairs=pairs, max_length=max_length)
+    result = dict(env=env, card=card, model="tiny" if opt.cpu else opt.model, pairs=pairs, max_length=max_length,
+                  repeats=opt.repeats)
 
     # 1-4: the full-size model, bf16 (float32 on --cpu) then FP8
     t0 = time.perf_counter()
@@ -272,9 +280,7 @@ def main(argv=None):
         progress(f"streamed ({s_args.num_layers} blocks)", streamed, t0)
         del srm, rm
     print_summary(result)
-    if opt.json:
-        with open(opt.json, "w") as f:
-            json.dump(result, f, indent=2)
+    harness.write_json(opt.json, result)
     return result
 
 
@@ -283,39 +289,43 @@ def progress(name, r, t0):
           f"{r['micro_batches']} micro-batches of <= {r['budget']} tokens", flush=True)
 
 
-def print_row(name, r):
-    print(f"| {name} | {r['budget']} | {r['micro_batches']} | {r['tokens_per_s']:.0f} | {r['pairs_per_s']:.2f} | "
-          f"{r['seconds']:.2f} | {r['peak_gib']:.1f} | {r['mfu']:.1%} |", flush=True)
+SUMMARY_HEADERS = ["weights", "budget", "micro-batches", "tokens/s", "pairs/s", "median s", "peak GiB",
+                   "MFU (bf16 peak)"]
+
+
+def summary_row(name, r):
+    return [name, r["budget"], r["micro_batches"], f"{r['tokens_per_s']:.0f}", f"{r['pairs_per_s']:.2f}",
+            f"{r['seconds']:.2f}", f"{r['peak_gib']:.1f}", f"{r['mfu']:.1%}"]
 
 
 def print_summary(r):
     print()
     if "bf16" in r:
-        print(f"large-model scoring | card: {r['card']} | model: {r['model']} ({r['params_b']:.2f}B parameters) | "
-              f"{r['pairs']} CRB-like pairs, max_length {r['max_length']} | budget {r['budget']} tokens"
-              + (f" (auto: {r['activation_bytes_per_token'] / 1024:.0f} KiB of activations per token)"
-                 if r.get("activation_bytes_per_token") else ""))
-        print("| weights | budget | micro-batches | tokens/s | pairs/s | median s | peak GiB | MFU (bf16 peak) |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        print_row("bf16" if r["card"] != "cpu" else "fp32", r["bf16"])
+        auto = (f" (auto: {r['activation_bytes_per_token'] / 1024:.0f} KiB of activations per token)"
+                if r.get("activation_bytes_per_token") else "")
+        print(harness.header("large-model scoring", r["env"], f"model: {r['model']} ({r['params_b']:.2f}B parameters)",
+                             f"{r['pairs']} CRB-like pairs, max_length {r['max_length']}", f"repeats {r['repeats']}",
+                             f"budget {r['budget']} tokens{auto}"))
+        rows = [summary_row("bf16" if r["card"] != "cpu" else "fp32", r["bf16"])]
+        if "fp8" in r:
+            rows.append(summary_row(f"fp8 ({r['fp8']['backend']})", r["fp8"]))
+        print(harness.markdown_table(SUMMARY_HEADERS, rows))
     if "fp8" in r:
         f = r["fp8"]
-        print_row(f"fp8 ({f['backend']})", f)
         print(f"FP8 / bf16 tokens/s: {f['speedup_vs_bf16']:.2f}x | weights {r['bf16']['weights_gib']:.1f} -> "
               f"{f['weights_gib']:.1f} GiB | agreement: preferences {f['preference_agreement']:.1%}, score r "
               f"{f['score_correlation']:.4f}, margin r {f['margin_correlation']:.4f}, max |diff| "
               f"{f['max_abs_diff_over_std']:.3f} std, mean |diff| {f['mean_abs_diff_over_std']:.3f} std")
     if "streaming" in r:
         s = r["streaming"]
-        print(f"layer streaming | card: {r['card']} | model: {r['model']}, {s['layers']} blocks of its shape | "
-              f"{r['pairs']} CRB-like pairs | budget {s['budget']}")
-        print("| weights | budget | micro-batches | tokens/s | pairs/s | median s | peak GiB | MFU (bf16 peak) |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        print_row("resident", s["resident"])
-        print_row("streamed", s["streamed"])
+        print(harness.header("layer streaming", r["env"], f"model: {r['model']}, {s['layers']} blocks of its shape",
+                             f"{r['pairs']} CRB-like pairs", f"budget {s['budget']}"))
+        print(harness.markdown_table(SUMMARY_HEADERS, [summary_row("resident", s["resident"]),
+                                                       summary_row("streamed", s["streamed"])]))
         print(f"streamed / resident tokens/s: {s['streamed_over_resident']:.2f}x | scores max |diff| "
               f"{s['max_abs_diff']:.3g} | one block: {s['block_gib']:.2f} GiB, copy {s['block_copy_ms']:.1f} ms "
               f"({s['h2d_gb_per_s']:.1f} GB/s) vs compute {s['block_compute_ms']:.1f} ms per micro-batch")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import os
 import numpy as np
 import pytest
 
-from themis_engine.packing import planner as packing
 from themis_engine.data.workload import TEMPLATE_CLOSE, TEMPLATE_OPEN
+from themis_engine.packing import planner as packing
 
 try:
     from themis_engine import _planner

@@ -3,12 +3,17 @@
     python bench/throughput.py --model qwen3-8b            # on a GPU
     python bench/throughput.py --model qwen3-32b --skip-baseline --fp8 --max-tokens-per-batch auto
     python bench/throughput.py --cpu                       # smoke mode: tiny shape, CPU
+    python bench/throughput.py --help                      # every option with its help
+
+Options go through themis_engine.config (`--key value`, `--key=value`, a flag alone for true,
+`--config FILE.yaml` with the same keys).
 
 Both sides score the same CodeRewardBench-shaped workload (themis_engine.data.workload, seeded) with the
 same random weights: transformers' `AutoModelForSequenceClassification` (bf16, sdpa attention,
 right-padded batches of --batch-size sequences in dataset order, as a standard evaluation script
 does) and the engine (packed, prefix-shared micro-batches of --max-tokens-per-batch tokens).
-Each is warmed up, then timed --repeats times; the table shows medians. MFU counts every unique
+Each is warmed up, then timed --repeats times (bench/_harness.py: CUDA events, median); the table
+shows medians, under the environment header (date, commit, card, versions, command line). MFU counts every unique
 token once (shared prefixes once, no padding) against the card's dense bf16 peak (--peak-tflops).
 The engine's scores are checked against the baseline's on the same pairs (max |diff| and
 pairwise-preference agreement), so a fast wrong engine does not pass unnoticed.
@@ -26,12 +31,16 @@ Training throughput (--mode train), the same recipe on both sides:
 
 * Data: --steps global batches of --global-batch CRB-like pairs (seeded); each pair's prefix is the
   prompt part, so chosen_response_start = len(prefix) and the LM term covers the chosen response.
-* Objective: the themis-pm preset's BT + mu * magnitude (centering) + lambda * LM (mu 0.001,
-  lambda 0.25), one head per criterion, a pair training its aspect's head, every term divided by
+* Objective: the themis-pm preset's (themis_engine.train.config.PRESETS) BT + mu * magnitude
+  (centering) + lambda * LM (mu 0.001, lambda 0.25), one head per criterion (the preset's scalar
+  head replaced by objective.heads=criteria), a pair training its aspect's head, every term divided by
   its global-batch normaliser (batching.global_counts), gradient clipping at the preset's 1.5.
-* Engine: RewardModel with its LM head + RewardObjective on batching.build_micro_batches (packed,
-  prefix-shared micro-batches of --max-tokens-per-batch tokens), activation checkpointing per block
-  (rm.gradient_checkpointing = True).
+* Engine: the trainer's own step, `themis_engine.train.trainer.Trainer.train_step` (plan the packed,
+  prefix-shared micro-batches of --max-tokens-per-batch tokens -> `Trainer.forward_backward` each ->
+  clip -> optimizer step), on a Trainer that holds the benchmark's model and pairs (`BenchTrainer`:
+  no tokenizer, data files or checkpoints; the step and the objective are the trainer's, the
+  optimizer is train.optim's); RewardModel with its LM head in RewardObjective, activation
+  checkpointing per block by train.parallelize.
 * Baseline: transformers' AutoModelForSequenceClassification (sdpa attention, gradient
   checkpointing, non-reentrant as the engine), chosen and rejected as separate right-padded
   sequences, --hf-micro-pairs pairs (2x sequences, padded to the longest) per micro-batch in
@@ -58,7 +67,8 @@ Training throughput (--mode train), the same recipe on both sides:
   step is also each side's warm-up (kernels compiled, allocator filled). Then transformers is timed,
   its optimizer freed, and the engine timed after one more warm-up step. Each timing covers
   --steps global batches (plan / pad the batch, forward + backward of every micro-batch, clip,
-  optimizer step), repeated --repeats times over the same batches; the table shows the median.
+  optimizer step), repeated --repeats times over the same batches (bench/_harness.py: CUDA events,
+  median); the table shows the median.
   Peak memory is each side's own (the other side's gradients and optimizer state freed before).
 * MFU (engine): 3x the forward FLOPs of the unique tokens (blocks' matmuls per unique token,
   attention on exactly the visible (query, key) pairs, the LM head on the LM target tokens); the
@@ -70,69 +80,103 @@ Training throughput (--mode train), the same recipe on both sides:
   2 pairs above 4B parameters, and its LM cross-entropy materialises [response tokens, vocab] logits
   in fp32 (about 10 bytes per element at the peak of the backward), as plain PyTorch does.
 """
-
-from __future__ import annotations
-
-import argparse
 import gc
-import json
-import os
-import statistics
 import sys
-import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import themis_engine as te
-from themis_engine.train import microbatch as batching
-from themis_engine.model.args import ModelArgs
-from themis_engine.model.flops import DENSE_BF16_PEAK_TFLOPS, attention_flops, linear_flops_per_token
-from themis_engine.train.objective import RewardObjective
-from themis_engine.data.workload import crb_like_pairs
+BENCH = str(Path(__file__).resolve().parent)
+if BENCH not in sys.path:  # bench/: the shared harness
+    sys.path.insert(0, BENCH)
+import _harness as harness  # noqa: E402
+
+import themis_engine as te  # noqa: E402
+from themis_engine import config, distributed  # noqa: E402
+from themis_engine.config import ConfigError, option  # noqa: E402
+from themis_engine.data.workload import crb_like_pairs  # noqa: E402
+from themis_engine.model.args import NAMED_SHAPES, ModelArgs  # noqa: E402
+from themis_engine.model.flops import attention_flops, linear_flops_per_token  # noqa: E402
+from themis_engine.packing import planner as packing  # noqa: E402
+from themis_engine.train import microbatch as batching  # noqa: E402
+from themis_engine.train import optim as train_optim  # noqa: E402
+from themis_engine.train.config import PRESETS, TrainConfig  # noqa: E402
+from themis_engine.train.objective import RewardObjective  # noqa: E402
+from themis_engine.train.parallelize import parallelize  # noqa: E402
+from themis_engine.train.trainer import Trainer  # noqa: E402
+
+PROG = "python bench/throughput.py"
 
 
+@dataclass
+class ThroughputConfig:
+    """End-to-end throughput of themis_engine against transformers on the same weights."""
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=("score", "train"), default="score",
-                   help="score: scoring throughput (default); train: training step throughput")
-    p.add_argument("--model", default="qwen3-0.6b", help="a built-in shape: " + ", ".join(te.model.args.NAMED_SHAPES))
-    p.add_argument("--pairs", type=int, default=256, help="score: pairs in the workload")
-    p.add_argument("--max-length", type=int, default=4096, help="longest standalone sequence")
-    p.add_argument("--batch-size", type=int, default=8, help="baseline: sequences per padded batch")
-    p.add_argument("--max-tokens-per-batch", type=_budget_arg, default=32768,
-                   help="engine: token budget per micro-batch, or 'auto' (measured from free memory)")
-    p.add_argument("--fp8", action="store_true", help="score: also time the engine with FP8 (e4m3) block weights")
-    p.add_argument("--repeats", type=int, default=None, help="timed repetitions (default: 3 score, 1 train)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by card name)")
-    p.add_argument("--skip-baseline", action="store_true", help="time the engine only")
-    p.add_argument("--cpu", action="store_true", help="smoke mode: a tiny model on the CPU, float32")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    t = p.add_argument_group("--mode train")
-    t.add_argument("--steps", type=int, default=4, help="timed optimizer steps (global batches)")
-    t.add_argument("--global-batch", type=int, default=32, help="pairs per global batch (optimizer step)")
-    t.add_argument("--warmup-pairs", type=int, default=8, help="pairs of the warm-up / loss-check batch")
-    t.add_argument("--hf-micro-pairs", type=int, default=None,
-                   help="baseline: pairs per padded micro-batch (2x sequences); default 4, 2 above 4B parameters")
-    t.add_argument("--optimizer", choices=("auto", "adamw", "sgd"), default="auto",
-                   help="auto: AdamW when params + grads + bf16 AdamW states fit in half the card, else SGD")
-    t.add_argument("--tie", choices=("shape", "yes", "no"), default="shape",
-                   help="tie the LM head to the embeddings (shape: as the model shape; the --cpu shape ties)")
-    return p.parse_args(argv)
+    mode: Literal["score", "train"] = option("score", "score: scoring throughput; train: training step throughput")
+    model: str = option("qwen3-0.6b", "a built-in shape: " + ", ".join(NAMED_SHAPES))
+    pairs: int = option(256, "score: CRB-like pairs in the workload")
+    max_length: int = option(4096, "longest standalone sequence (prompt + response) in tokens")
+    batch_size: int = option(8, "score, baseline: sequences per right-padded batch")
+    max_tokens_per_batch: Union[int, Literal["auto"]] = option(
+        32768, "engine: token budget per micro-batch, or auto (score: measured from free memory by the Scorer)")
+    fp8: bool = option(False, "score: also time the engine with FP8 (e4m3) block weights")
+    repeats: Optional[int] = option(None, "timed repetitions (default: 3 score, 1 train)")
+    seed: int = option(0, "workload seed")
+    peak_tflops: Optional[float] = option(None, "dense bf16 peak for MFU (default: by card name)")
+    skip_baseline: bool = option(False, "time the engine only")
+    cpu: bool = option(False, "smoke mode: a tiny model on the CPU, float32")
+    json: Optional[str] = option(None, "also write the results to this JSON file")
+    steps: int = option(4, "train: timed optimizer steps (global batches)")
+    global_batch: int = option(32, "train: pairs per global batch (optimizer step)")
+    warmup_pairs: int = option(8, "train: pairs of the warm-up / loss-check batch")
+    hf_micro_pairs: Optional[int] = option(
+        None, "train, baseline: pairs per padded micro-batch (2x sequences); default 4, 2 above 4B parameters")
+    optimizer: Literal["auto", "adamw", "sgd"] = option(
+        "auto", "train: auto = AdamW when params + grads + bf16 AdamW states fit in half the card, else SGD")
+    tie: Literal["shape", "yes", "no"] = option(
+        "shape", "train: tie the LM head to the embeddings (shape: as the model shape; the --cpu shape ties)")
+
+    def check(self) -> None:
+        """Raise ConfigError naming the first option that cannot work."""
+        if self.max_tokens_per_batch != "auto" and self.max_tokens_per_batch < 1:
+            raise ConfigError(f"--max-tokens-per-batch: a token budget must be positive, got "
+                              f"{self.max_tokens_per_batch}")
+        for key in ("pairs", "max_length", "batch_size", "steps", "global_batch", "warmup_pairs"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+        if self.repeats is not None and self.repeats < 1:
+            raise ConfigError(f"--repeats must be at least 1, got {self.repeats}")
+        if self.hf_micro_pairs is not None and self.hf_micro_pairs < 1:
+            raise ConfigError(f"--hf-micro-pairs must be at least 1, got {self.hf_micro_pairs}")
+        if not self.cpu and self.model.lower() not in NAMED_SHAPES:
+            raise ConfigError(f"--model {self.model!r} is not a built-in shape ({', '.join(NAMED_SHAPES)})")
+        if self.mode == "train":
+            if self.max_tokens_per_batch == "auto":
+                raise ConfigError("--max-tokens-per-batch auto is for --mode score (training's budget is a number)")
+            if self.fp8:
+                raise ConfigError("--fp8 is for --mode score (FP8 weights are inference-only)")
 
 
-def _budget_arg(text: str):
-    if text == "auto":
-        return None  # the Scorer measures it on CUDA (themis_engine.scoring.budget), 16384 elsewhere
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a token budget must be positive, got {value}")
-    return value
+def parse_args(argv=None) -> ThroughputConfig:
+    return harness.parse(ThroughputConfig, argv, prog=PROG, description=__doc__)
+
+
+def tiny_args(**extra) -> ModelArgs:
+    """The --cpu smoke shape."""
+    return ModelArgs(family="qwen3", vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2,
+                     num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e6, criteria=te.DEFAULT_CRITERIA,
+                     **extra)
+
+
+def gpu_or_exit() -> torch.device:
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA GPU here: run with --cpu for the smoke mode")
+    return torch.device("cuda")
 
 
 def build_models(args: ModelArgs, device, dtype, with_baseline: bool):
@@ -157,22 +201,6 @@ def build_models(args: ModelArgs, device, dtype, with_baseline: bool):
         del hf
         return engine, None
     return engine, hf
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_it(fn, device, repeats):
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
 
 
 def run_engine(scorer, work):
@@ -201,24 +229,18 @@ def run_baseline(hf, work, batch_size, device, pad_id):
 def main(argv=None):
     opt = parse_args(argv)
     if opt.mode == "train":
-        return main_train(opt)
-    if opt.repeats is None:
-        opt.repeats = 3
+        return main_train(opt, argv)
+    repeats = opt.repeats or 3
     if opt.cpu:
         device, dtype = torch.device("cpu"), torch.float32
-        args = ModelArgs(
-            family="qwen3", vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2,
-            num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e6, criteria=te.DEFAULT_CRITERIA,
-        )
+        args = tiny_args()
         pairs, max_length, budget = min(opt.pairs, 16), min(opt.max_length, 512), 4096
-        card = "cpu"
     else:
-        if not torch.cuda.is_available():
-            sys.exit("no CUDA GPU here: run with --cpu for the smoke mode")
-        device, dtype = torch.device("cuda"), torch.bfloat16
+        device, dtype = gpu_or_exit(), torch.bfloat16
         args = ModelArgs.from_name(opt.model)
-        pairs, max_length, budget = opt.pairs, opt.max_length, opt.max_tokens_per_batch
-        card = torch.cuda.get_device_name()
+        pairs, max_length = opt.pairs, opt.max_length
+        budget = None if opt.max_tokens_per_batch == "auto" else opt.max_tokens_per_batch
+    env = harness.environment(device, "throughput.py", argv)
     args.pad_token_id = 0
     work = crb_like_pairs(pairs, args.vocab_size, max_length=max_length, seed=opt.seed)
     # the token ratio of the full-size workload needs no model: print it in every mode
@@ -229,16 +251,15 @@ def main(argv=None):
     scorer = te.Scorer(engine, tokenizer=None, max_length=max_length, max_tokens_per_batch=budget)
     kernels_used = {op: te.kernels.backend_for(op, engine.score.weight) for op in te.kernels.KERNEL_MODULES}
 
-    # warm-up on a slice (compiles kernels, fills the allocator), then the timed runs
+    # warm-up on a slice (compiles kernels, fills the allocator; with budget None the Scorer measures
+    # its budget here), one untimed run for the scores, then the timed runs
     warm = crb_like_pairs(min(8, pairs), args.vocab_size, max_length=max_length, seed=opt.seed + 1)
     run_engine(scorer, warm)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    harness.reset_peak_memory(device)
     eng_scores = run_engine(scorer, work)
-    t_eng, eng_times = time_it(lambda: run_engine(scorer, work), device, opt.repeats)
-    eng_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    t_eng = harness.benchmark(lambda: run_engine(scorer, work), device, repeats=repeats, warmup=0)
+    eng_mem = harness.peak_memory_gib(device)
     report = scorer.last_report
-    from themis_engine.packing import planner as packing
 
     if budget is None:  # what the scorer chose
         budget = scorer.auto_budget.tokens if scorer.auto_budget is not None else 16384
@@ -247,13 +268,14 @@ def main(argv=None):
     batches = packing.plan(tokens, so, go, budget)
     unique = sum(b.num_tokens for b in batches)
     flops = unique * linear_flops_per_token(args) + attention_flops(args, batches)
-    peak = opt.peak_tflops or next((v for k, v in DENSE_BF16_PEAK_TFLOPS.items() if k in card), None)
-    mfu = flops / t_eng / (peak * 1e12) if peak else float("nan")
+    peak = harness.peak_tflops(device, opt.peak_tflops)
+    mfu = flops / t_eng.median_s / (peak * 1e12) if peak else float("nan")
 
     rows = {
-        "card": card, "model": "tiny" if opt.cpu else opt.model, "pairs": pairs, "max_length": max_length,
-        "engine_pairs_per_s": pairs / t_eng, "engine_tokens_per_s": unique / t_eng,
-        "engine_s": t_eng, "engine_times": eng_times, "engine_peak_gib": eng_mem, "engine_mfu": mfu,
+        "env": env, "card": env["card"], "model": "tiny" if opt.cpu else opt.model, "pairs": pairs,
+        "max_length": max_length, "repeats": repeats,
+        "engine_pairs_per_s": pairs / t_eng.median_s, "engine_tokens_per_s": unique / t_eng.median_s,
+        "engine_s": t_eng.median_s, "engine_times": t_eng.times_s, "engine_peak_gib": eng_mem, "engine_mfu": mfu,
         "unique_tokens": unique, "standalone_tokens": work.standalone_tokens(),
         "padded_tokens": work.padded_tokens(opt.batch_size), "micro_batches": report.micro_batches,
         "token_ratio": work.padded_tokens(opt.batch_size) / unique, "token_ratio_full_workload": ratio_full,
@@ -261,30 +283,27 @@ def main(argv=None):
     }
     if hf is not None:
         run_baseline(hf, warm, opt.batch_size, device, args.pad_token_id)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        harness.reset_peak_memory(device)
         hf_scores = run_baseline(hf, work, opt.batch_size, device, args.pad_token_id)
-        t_hf, hf_times = time_it(lambda: run_baseline(hf, work, opt.batch_size, device, args.pad_token_id),
-                                 device, opt.repeats)
-        hf_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        t_hf = harness.benchmark(lambda: run_baseline(hf, work, opt.batch_size, device, args.pad_token_id),
+                                 device, repeats=repeats, warmup=0)
+        hf_mem = harness.peak_memory_gib(device)
         diff = (eng_scores - hf_scores).abs()
         pref_eng = eng_scores[:, 0] > eng_scores[:, 1]
         pref_hf = hf_scores[:, 0] > hf_scores[:, 1]
         rows.update(
-            hf_pairs_per_s=pairs / t_hf, hf_tokens_per_s=work.standalone_tokens() / t_hf, hf_s=t_hf,
-            hf_times=hf_times, hf_peak_gib=hf_mem, speedup=t_hf / t_eng,
+            hf_pairs_per_s=pairs / t_hf.median_s, hf_tokens_per_s=work.standalone_tokens() / t_hf.median_s,
+            hf_s=t_hf.median_s, hf_times=t_hf.times_s, hf_peak_gib=hf_mem, speedup=t_hf.median_s / t_eng.median_s,
             max_abs_diff=float(diff.max()), score_scale=float(hf_scores.abs().mean()),
             preference_agreement=float((pref_eng == pref_hf).float().mean()),
         )
     if opt.fp8:
-        del hf
-        hf = None
-        rows["fp8"] = time_fp8(engine, scorer, work, warm, eng_scores, device, opt.repeats, flops, unique, peak, t_eng)
+        hf = None  # the baseline's memory back before the FP8 run
+        rows["fp8"] = time_fp8(engine, scorer, work, warm, eng_scores, device, repeats, flops, unique, peak,
+                               t_eng.median_s)
     print_table(rows)
-    if opt.json:
-        with open(opt.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    del engine, hf
+    harness.write_json(opt.json, rows)
+    engine = hf = scorer = None
     gc.collect()
     return rows
 
@@ -301,42 +320,52 @@ def time_fp8(engine, scorer, work, warm, bf16_scores, device, repeats, flops, un
     probe = torch.zeros(1, engine.args.hidden_size, device=device, dtype=engine.dtype)
     backend = fp8_backend(probe, engine.model.layers[0].self_attn.q_proj.weight_fp8)
     run_engine(scorer, warm)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    harness.reset_peak_memory(device)
     scores = run_engine(scorer, work)
-    t, times = time_it(lambda: run_engine(scorer, work), device, repeats)
+    timing = harness.benchmark(lambda: run_engine(scorer, work), device, repeats=repeats, warmup=0)
+    t = timing.median_s
     ref, got = bf16_scores.double(), scores.double()
     m_ref, m_got = ref[:, 0] - ref[:, 1], got[:, 0] - got[:, 1]
     return dict(
-        backend=backend, s=t, times=times, pairs_per_s=len(work) / t, tokens_per_s=unique / t,
+        backend=backend, s=t, times=timing.times_s, pairs_per_s=len(work) / t, tokens_per_s=unique / t,
         mfu=flops / t / (peak * 1e12) if peak else float("nan"), speedup_vs_bf16=t_bf16 / t,
-        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
-        bytes_saved_gib=report.bytes_saved / 2**30,
+        peak_gib=harness.peak_memory_gib(device), bytes_saved_gib=report.bytes_saved / 2**30,
         preference_agreement=float(((m_ref > 0) == (m_got > 0)).double().mean()),
         score_correlation=float(np.corrcoef(ref.flatten().numpy(), got.flatten().numpy())[0, 1]),
         max_abs_diff=float((got - ref).abs().max()),
     )
 
 
+TABLE_HEADERS = ["side", "pairs/s", "tokens/s", "median s", "peak GiB", "MFU (unique tokens)"]
+
+
+def _side_row(name, pairs_per_s, tokens_per_s, seconds, peak_gib, mfu):
+    return [name, f"{pairs_per_s:.2f}", f"{tokens_per_s:.0f}", f"{seconds:.3f}", f"{peak_gib:.2f}",
+            None if mfu is None else f"{mfu:.1%}"]
+
+
 def print_table(r):
     print()
-    print(f"scoring throughput | card: {r['card']} | model: {r['model']} | {r['pairs']} CRB-like pairs, "
-          f"max_length {r['max_length']} | baseline batch {r['batch_size']} | engine budget {r['max_tokens_per_batch']}")
+    print(harness.header("scoring throughput", r["env"], f"model: {r['model']}",
+                         f"{r['pairs']} CRB-like pairs, max_length {r['max_length']}", f"repeats {r['repeats']}",
+                         f"baseline batch {r['batch_size']}", f"engine budget {r['max_tokens_per_batch']}"))
     print(f"engine kernels: {r['kernels']}")
-    print("| side | pairs/s | tokens/s | median s | peak GiB | MFU (unique tokens) |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    print(f"| themis_engine | {r['engine_pairs_per_s']:.2f} | {r['engine_tokens_per_s']:.0f} | {r['engine_s']:.3f} | "
-          f"{r['engine_peak_gib']:.2f} | {r['engine_mfu']:.1%} |")
+    table = [_side_row("themis_engine", r["engine_pairs_per_s"], r["engine_tokens_per_s"], r["engine_s"],
+                       r["engine_peak_gib"], r["engine_mfu"])]
     if "hf_s" in r:
-        print(f"| transformers | {r['hf_pairs_per_s']:.2f} | {r['hf_tokens_per_s']:.0f} | {r['hf_s']:.3f} | "
-              f"{r['hf_peak_gib']:.2f} | |")
+        table.append(_side_row("transformers", r["hf_pairs_per_s"], r["hf_tokens_per_s"], r["hf_s"],
+                               r["hf_peak_gib"], None))
+    if "fp8" in r:
+        f = r["fp8"]
+        table.append(_side_row(f"themis_engine fp8 ({f['backend']})", f["pairs_per_s"], f["tokens_per_s"], f["s"],
+                               f["peak_gib"], f["mfu"]))
+    print(harness.markdown_table(TABLE_HEADERS, table))
+    if "hf_s" in r:
         print(f"speedup (pairs/s): {r['speedup']:.2f}x | engine vs transformers scores: max |diff| "
               f"{r['max_abs_diff']:.3g} (mean |score| {r['score_scale']:.3g}), preference agreement "
               f"{r['preference_agreement']:.1%}")
     if "fp8" in r:
         f = r["fp8"]
-        print(f"| themis_engine fp8 ({f['backend']}) | {f['pairs_per_s']:.2f} | {f['tokens_per_s']:.0f} | {f['s']:.3f} | "
-              f"{f['peak_gib']:.2f} | {f['mfu']:.1%} |")
         print(f"fp8 / bf16 engine: {f['speedup_vs_bf16']:.2f}x | fp8 vs bf16 engine scores: preference agreement "
               f"{f['preference_agreement']:.1%}, correlation {f['score_correlation']:.4f}, max |diff| "
               f"{f['max_abs_diff']:.3g} | weights {f['bytes_saved_gib']:.1f} GiB smaller")
@@ -346,11 +375,10 @@ def print_table(r):
 
 
 # ================================================================================================
-# --mode train: one training step of the same recipe, engine vs transformers
+# --mode train: training steps of the same recipe, the trainer's own step vs transformers
 # ================================================================================================
 class BenchPair:
-    """The fields batching.build_micro_batches / global_counts read (data.TokenizedPair's names).
-    (A plain class: the tests load this file with importlib, where @dataclass cannot resolve it.)"""
+    """The fields batching.build_micro_batches / global_counts read (data.TokenizedPair's names)."""
 
     __slots__ = ("chosen_ids", "rejected_ids", "chosen_response_start", "aspect_index", "margin")
 
@@ -366,6 +394,49 @@ def bench_pairs(work, criteria) -> list[BenchPair]:
     crit = list(criteria)
     return [BenchPair(p + c, p + r, len(p), crit.index(a) if a in crit else -1)
             for p, c, r, a in zip(work.prefix_ids, work.chosen_ids, work.rejected_ids, work.aspects)]
+
+
+class BenchTrainer(Trainer):
+    """A Trainer on the benchmark's model, pairs and batches, so that the timed engine step IS
+    Trainer.train_step (-> Trainer.forward_backward per micro-batch, Trainer._clip, the optimizer
+    step), on one process.
+
+    Trainer.__init__ is not run: it loads a tokenizer and data files and builds its own model from
+    the config. This sets what the step reads instead: the config (objective coefficients, clip,
+    token budget), a one-rank DistInfo, the objective and optimizer, the pairs. Two methods are the
+    benchmark's: `global_batch` returns its batches in order, and `lr_at` its fixed LR (0 for the
+    loss-check step), where the trainer has a shuffled epoch and a warm-up + cosine schedule."""
+
+    def __init__(self, cfg: TrainConfig, objective: nn.Module, optimizer: torch.optim.Optimizer,
+                 criteria, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.dist = distributed.DistInfo(rank=0, world=1, device=device)
+        self.mixed = False  # pure-bf16 (or float32) parameters, not FSDP's fp32 masters
+        self.objective = objective
+        self.optimizer = optimizer
+        self.criteria = list(criteria)
+        self.aspects = self.criteria
+        self.args = objective.rm.args
+        self._flops_per_token = 3 * linear_flops_per_token(self.args)
+        self._peak = None  # no MFU in the step's metrics: the benchmark counts it on unique tokens
+        self.use([], [], 0.0)
+
+    def use(self, pairs, batches: list[list[int]], lr: float) -> None:
+        """Train on `pairs`, global batch s = batches[s], at the fixed LR `lr`; from step 0."""
+        self.train_pairs, self.eval_pairs = pairs, []
+        self.batches, self.lr = batches, lr
+        self.total_steps = len(batches)
+        self.step = 0
+
+    def global_batch(self, step: int) -> list[int]:
+        return self.batches[step]
+
+    def lr_at(self, step: int) -> float:
+        return self.lr
+
+
+STEP_KEYS = ("loss", "bt_loss", "magnitude_loss", "lm_loss", "grad_norm")
 
 
 class HFRecipe(nn.Module):
@@ -425,78 +496,61 @@ class HFRecipe(nn.Module):
             yield torch.stack([loss.detach(), bt.detach(), mag.detach(), lm.detach()]).double()
 
 
-class EngineRecipe:
-    """The engine: RewardObjective on the trainer's packed, prefix-shared micro-batches."""
-
-    def __init__(self, objective, budget: int):
-        self.objective, self.budget = objective, budget
-
-    @property
-    def device(self):
-        return self.objective.rm.device
-
-    def parameters(self):
-        return self.objective.parameters()
-
-    def named_parameters(self):
-        return self.objective.named_parameters()
-
-    def forward_backward(self, pairs, ids, bt_norm, lm_norm, H):
-        dev = self.device
-        for mb in batching.build_micro_batches(pairs, ids, self.budget, H, with_lm=True):
-            loss, bt, lm = self.objective(**mb.to_torch(dev), bt_normalizer=bt_norm, lm_normalizer=lm_norm)
-            loss.backward()
-            lm = lm.detach() if lm is not None else torch.zeros((), device=dev)
-            yield torch.stack([loss.detach(), bt.bt_loss.float(), bt.magnitude_loss.float(), lm.float()]).double()
-
-
-def make_optimizer(side, kind: str, optim: dict, fused: bool):
-    """The trainer's parameter groups (no weight decay on norms and biases) and optimizer."""
-    decay, no_decay = [], []
-    for name, p in side.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith("bias") or "norm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": optim["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    extra = {"fused": True} if fused else {}
-    if kind == "adamw":
-        return torch.optim.AdamW(groups, lr=optim["lr"], betas=tuple(optim["betas"]), eps=optim["eps"], **extra)
-    return torch.optim.SGD(groups, lr=optim["lr"], momentum=0.0, **extra)
-
-
-def train_step(side, opt, pairs, ids, H, lr, clip):
-    """One optimizer step over the global batch `ids`, as Trainer.train_step (one process).
-    Returns a float64 tensor [loss, bt, magnitude, lm, grad_norm] on the device (no host sync)."""
+def baseline_step(baseline: HFRecipe, opt, pairs, ids, H, lr, clip):
+    """One optimizer step of the baseline over the global batch `ids` (the trainer's sequence:
+    global normalisers, forward + backward per micro-batch, clip, step). Returns a float64 tensor
+    [loss, bt, magnitude, lm, grad_norm] on the device (no host sync)."""
     bt_norm, lm_norm = batching.global_counts(pairs, ids, H, with_lm=True)
-    for g in opt.param_groups:
-        g["lr"] = lr
-    sums = torch.zeros(4, dtype=torch.float64, device=side.device)
-    for parts in side.forward_backward(pairs, ids, bt_norm, lm_norm, H):
+    train_optim.set_lr(opt, lr)
+    sums = torch.zeros(4, dtype=torch.float64, device=baseline.device)
+    for parts in baseline.forward_backward(pairs, ids, bt_norm, lm_norm, H):
         sums += parts
-    params = [p for p in side.parameters() if p.grad is not None]
+    params = [p for p in baseline.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return torch.cat([sums, norm.detach().double().reshape(1).to(sums.device)])
 
 
-def free(side, device):
-    for p in side.parameters():
+def make_optimizer(module: nn.Module, kind: str, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+    """The trainer's optimizer (train.optim.build_optimizer: AdamW, no weight decay on norms and
+    biases), or SGD without momentum over the same parameter groups."""
+    if kind == "adamw":
+        return train_optim.build_optimizer(module, cfg.optim, fused=fused)
+    return torch.optim.SGD(train_optim.param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                           momentum=0.0, **({"fused": True} if fused else {}))
+
+
+def free(module: nn.Module, device) -> None:
+    for p in module.parameters():
         p.grad = None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def build_train_models(args: ModelArgs, device, dtype, micro_pairs: int, lm_coef: float, mu: float):
+def bench_train_config(args: ModelArgs, budget: int, global_batch: int, device) -> TrainConfig:
+    """The themis-pm preset with one head per criterion of `args`, the benchmark's budget and batch."""
+    cfg = config.apply(TrainConfig(), PRESETS["themis-pm"])
+    cfg.objective.heads = "criteria"
+    cfg.objective.criteria = list(args.criteria)
+    cfg.run.max_tokens_per_batch = budget
+    cfg.run.global_batch_pairs = global_batch
+    cfg.run.device = device.type
+    return cfg
+
+
+def build_train_models(args: ModelArgs, cfg: TrainConfig, device, dtype, micro_pairs: int):
     """(engine objective, baseline HFRecipe) sharing every weight tensor, the LM head included."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    cfg = AutoConfig.for_model(**args.to_hf_config("ForSequenceClassification"))
-    cfg._attn_implementation = "sdpa"
-    cfg.use_cache = False
+    lm_coef, mu = cfg.objective.lm_coef, cfg.objective.magnitude_coef
+    hf_cfg = AutoConfig.for_model(**args.to_hf_config("ForSequenceClassification"))
+    hf_cfg._attn_implementation = "sdpa"
+    hf_cfg.use_cache = False
     torch.manual_seed(0)
     with torch.device(device):
-        hf = AutoModelForSequenceClassification.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+        hf = AutoModelForSequenceClassification.from_config(hf_cfg, dtype=dtype, attn_implementation="sdpa")
         with torch.no_grad():
             hf.score.weight.normal_(0, args.hidden_size**-0.5)  # a non-zero reward head, as in score mode
         if args.tie_word_embeddings:
@@ -522,8 +576,9 @@ def build_train_models(args: ModelArgs, device, dtype, micro_pairs: int, lm_coef
     if args.tie_word_embeddings:  # one Parameter, as the loader ties it (not two on one storage)
         rm.lm_head.weight = rm.model.embed_tokens.weight
     rm.inv_freq = te.model.args.rope_inv_freq(args)[0].to(device)
-    rm.gradient_checkpointing = True
-    objective = RewardObjective(rm, lm_coef=lm_coef, magnitude_coef=mu, magnitude="centering")
+    objective = RewardObjective(rm, lm_coef, mu, cfg.objective.magnitude)
+    # the trainer's parallelize: activation checkpointing per block (no compile; one process, no FSDP)
+    objective = parallelize(objective, activation_checkpointing=True, compile=False, shard=False)
     objective.train()
     eng_ptrs = sorted(p.data_ptr() for p in objective.parameters())
     hf_ptrs = sorted(p.data_ptr() for p in baseline.parameters())
@@ -536,39 +591,23 @@ def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / max(abs(a), abs(b), 1e-12)
 
 
-def main_train(opt):
-    from themis_engine.train.config import PRESETS
-
-    if opt.max_tokens_per_batch is None:
-        sys.exit("--max-tokens-per-batch auto is for --mode score (training's budget is a number)")
-    if opt.fp8:
-        sys.exit("--fp8 is for --mode score (FP8 weights are inference-only)")
-
-    preset = PRESETS["themis-pm"]
-    lm_coef = float(preset["objective"]["lm_coef"])
-    mu = float(preset["objective"]["magnitude_coef"])
-    optim = dict(preset["optim"])
+def main_train(opt: ThroughputConfig, argv=None):
     repeats = opt.repeats or 1
     if opt.cpu:
         device, dtype = torch.device("cpu"), torch.float32
-        args = ModelArgs(
-            family="qwen3", vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2,
-            num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=1e6, criteria=te.DEFAULT_CRITERIA,
-            tie_word_embeddings=True,
-        )
+        args = tiny_args(tie_word_embeddings=True)
         # several micro-batches on both sides (global normalisers), an uneven last one in the check batch
         steps, G, W = min(opt.steps, 2), min(opt.global_batch, 4), min(opt.warmup_pairs, 3)
         max_length, budget, micro = min(opt.max_length, 384), 768, min(opt.hf_micro_pairs or 2, 2)
-        card, total_mem = "cpu", None
+        total_mem = None
     else:
-        if not torch.cuda.is_available():
-            sys.exit("no CUDA GPU here: run with --cpu for the smoke mode")
-        device, dtype = torch.device("cuda"), torch.bfloat16
+        device, dtype = gpu_or_exit(), torch.bfloat16
         args = ModelArgs.from_name(opt.model)
         steps, G, W = opt.steps, opt.global_batch, opt.warmup_pairs
         max_length, budget = opt.max_length, opt.max_tokens_per_batch
         micro = None
-        card, total_mem = torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory
+        total_mem = torch.cuda.get_device_properties(0).total_memory
+    env = harness.environment(device, "throughput.py", argv)
     if opt.tie != "shape":
         args = replace(args, tie_word_embeddings=opt.tie == "yes")
     args.pad_token_id = 0
@@ -581,6 +620,8 @@ def main_train(opt):
     if auto:
         kind = "adamw" if total_mem is None or 8 * n_params <= 0.5 * total_mem else "sgd"
     fused = device.type == "cuda"
+    cfg = bench_train_config(args, budget, G, device)
+    clip, lr = cfg.optim.clip, cfg.optim.lr
 
     work = crb_like_pairs(steps * G, args.vocab_size, max_length=max_length, seed=opt.seed)
     warm = crb_like_pairs(W, args.vocab_size, max_length=max_length, seed=opt.seed + 1)
@@ -588,56 +629,53 @@ def main_train(opt):
     batches = [list(range(s * G, (s + 1) * G)) for s in range(steps)]
     warm_ids = list(range(len(warm_pairs)))
 
-    objective, baseline = build_train_models(args, device, dtype, micro, lm_coef, mu)
-    engine = EngineRecipe(objective, budget)
+    objective, baseline = build_train_models(args, cfg, device, dtype, micro)
+    trainer = BenchTrainer(cfg, objective, None, args.criteria, device)
     kernels_used = {op: te.kernels.backend_for(op, objective.rm.score.weight) for op in te.kernels.KERNEL_MODULES}
-    clip, lr = float(optim["clip"]), float(optim["lr"])
-
-    def timed(side, opt_):
-        totals, outs = [], []
-        for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            outs = [train_step(side, opt_, pairs, ids, H, lr, clip) for ids in batches]
-            sync(device)
-            totals.append(time.perf_counter() - t0)
-        return statistics.median(totals), totals, torch.stack(outs).cpu().tolist()
-
-    def peak():
-        return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-
-    def reset_peak():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
 
     # 1. the check step of each side at lr 0 (weights unchanged: both see the initial weights)
-    o = make_optimizer(engine, kind, optim, fused)
-    eng_check = train_step(engine, o, warm_pairs, warm_ids, H, 0.0, clip).cpu().tolist()
-    del o
-    free(engine, device)
+    trainer.optimizer = make_optimizer(objective, kind, cfg, fused)
+    trainer.use(warm_pairs, [warm_ids], 0.0)
+    metrics = trainer.train_step()
+    eng_check = [float(metrics[k]) for k in STEP_KEYS]
+    trainer.optimizer = None
+    free(objective, device)
     rows = {}
     if not opt.skip_baseline:
-        reset_peak()
-        o = make_optimizer(baseline, kind, optim, fused)
-        hf_check = train_step(baseline, o, warm_pairs, warm_ids, H, 0.0, clip).cpu().tolist()
+        harness.reset_peak_memory(device)
+        o = make_optimizer(baseline, kind, cfg, fused)
+        hf_check = baseline_step(baseline, o, warm_pairs, warm_ids, H, 0.0, clip).cpu().tolist()
         # 2. transformers timed (its check step was its warm-up)
-        t_hf, hf_times, hf_losses = timed(baseline, o)
-        hf_mem = peak()
+        hf_out = []
+
+        def hf_steps():
+            hf_out[:] = [baseline_step(baseline, o, pairs, ids, H, lr, clip) for ids in batches]
+
+        t_hf = harness.benchmark(hf_steps, device, repeats=repeats, warmup=0)
+        hf_losses = torch.stack(hf_out).cpu().tolist()
+        hf_mem = harness.peak_memory_gib(device)
         del o
         free(baseline, device)
         diffs = {k: rel_diff(a, b) for k, a, b in zip(("loss", "bt", "magnitude", "lm", "grad_norm"),
                                                       eng_check, hf_check)}
-        rows.update(hf_s=t_hf, hf_times=hf_times, hf_peak_gib=hf_mem, hf_step_losses=[x[0] for x in hf_losses],
-                    hf_check=hf_check, check_rel_diff=diffs,
+        rows.update(hf_s=t_hf.median_s, hf_times=t_hf.times_s, hf_peak_gib=hf_mem,
+                    hf_step_losses=[x[0] for x in hf_losses], hf_check=hf_check, check_rel_diff=diffs,
                     first_step_max_rel_diff=max(diffs[k] for k in ("loss", "bt", "magnitude", "lm")))
     # 3. the engine timed, after one more warm-up step (its optimizer state was freed)
-    reset_peak()
-    o = make_optimizer(engine, kind, optim, fused)
-    train_step(engine, o, warm_pairs, warm_ids, H, lr, clip)
-    t_eng, eng_times, eng_losses = timed(engine, o)
-    eng_mem = peak()
-    del o
-    free(engine, device)
+    harness.reset_peak_memory(device)
+    trainer.optimizer = make_optimizer(objective, kind, cfg, fused)
+    trainer.use(warm_pairs, [warm_ids], lr)
+    trainer.train_step()
+    eng_out = []
+
+    def engine_steps():
+        trainer.use(pairs, batches, lr)
+        eng_out[:] = [trainer.train_step() for _ in batches]
+
+    t_eng = harness.benchmark(engine_steps, device, repeats=repeats, warmup=0)
+    eng_mem = harness.peak_memory_gib(device)
+    trainer.optimizer = None
+    free(objective, device)
 
     # tokens and FLOPs of the timed steps (outside the timing)
     unique = attn = lm_tokens = 0.0
@@ -653,7 +691,7 @@ def main_train(opt):
         padded += sum(mb[1].numel() for mb in baseline.micro_batches(pairs, ids))
     fwd = unique * linear_flops_per_token(args) + attn + 2.0 * args.hidden_size * args.vocab_size * lm_tokens
     train_flops = 3.0 * fwd
-    peak_tf = opt.peak_tflops or next((v for k, v in DENSE_BF16_PEAK_TFLOPS.items() if k in card), None)
+    peak_tf = harness.peak_tflops(device, opt.peak_tflops)
 
     def mfu(t):
         return train_flops / t / (peak_tf * 1e12) if peak_tf else float("nan")
@@ -664,27 +702,28 @@ def main_train(opt):
         ratio_full = full.padded_tokens(2 * (opt.hf_micro_pairs or 4)) / full.unique_tokens()
     else:
         ratio_full = padded / unique
-    n_pairs = steps * G
+    n_pairs, t = steps * G, t_eng.median_s
     rows.update(
-        mode="train", card=card, model="tiny" if opt.cpu else opt.model, steps=steps, global_batch=G,
-        repeats=repeats, max_length=max_length, warmup_pairs=W, hf_micro_pairs=micro,
-        max_tokens_per_batch=budget, optimizer=kind, optimizer_auto=auto, lr=lr,
-        betas=list(optim["betas"]), eps=float(optim["eps"]), weight_decay=float(optim["weight_decay"]), lm_coef=lm_coef, magnitude_coef=mu, clip=clip,
-        dtype=str(dtype).replace("torch.", ""), tied=args.tie_word_embeddings, params=n_params,
-        kernels=kernels_used, engine_s=t_eng, engine_times=eng_times, engine_peak_gib=eng_mem,
-        engine_pairs_per_s=n_pairs / t_eng, engine_tokens_per_s=unique / t_eng, engine_mfu=mfu(t_eng),
-        engine_step_losses=[x[0] for x in eng_losses], engine_check=eng_check,
+        env=env, mode="train", card=env["card"], model="tiny" if opt.cpu else opt.model, steps=steps,
+        global_batch=G, repeats=repeats, max_length=max_length, warmup_pairs=W, hf_micro_pairs=micro,
+        max_tokens_per_batch=budget, optimizer=kind, optimizer_auto=auto, lr=lr, betas=list(cfg.optim.betas),
+        eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, lm_coef=cfg.objective.lm_coef,
+        magnitude_coef=cfg.objective.magnitude_coef, clip=clip, dtype=str(dtype).replace("torch.", ""),
+        tied=args.tie_word_embeddings, params=n_params, kernels=kernels_used,
+        engine_step=f"{Trainer.__module__}.Trainer.train_step",
+        engine_s=t, engine_times=t_eng.times_s, engine_peak_gib=eng_mem,
+        engine_pairs_per_s=n_pairs / t, engine_tokens_per_s=unique / t, engine_mfu=mfu(t),
+        engine_step_losses=[m["loss"] for m in eng_out], engine_check=eng_check,
         unique_tokens=unique, standalone_tokens=standalone, padded_tokens=padded, lm_tokens=lm_tokens,
-        train_flops=train_flops, engine_micro_batches=eng_mbs, hf_micro_batches=hf_mbs, token_ratio=padded / unique, token_ratio_full_workload=ratio_full,
+        train_flops=train_flops, engine_micro_batches=eng_mbs, hf_micro_batches=hf_mbs,
+        token_ratio=padded / unique, token_ratio_full_workload=ratio_full,
     )
     if "hf_s" in rows:
         rows.update(hf_pairs_per_s=n_pairs / rows["hf_s"], hf_tokens_per_s=standalone / rows["hf_s"],
-                    hf_mfu=mfu(rows["hf_s"]), speedup=rows["hf_s"] / t_eng)
+                    hf_mfu=mfu(rows["hf_s"]), speedup=rows["hf_s"] / t)
     print_train_table(rows)
-    if opt.json:
-        with open(opt.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    del objective, baseline, engine
+    harness.write_json(opt.json, rows)
+    objective = baseline = trainer = None
     gc.collect()
     return rows
 
@@ -704,26 +743,29 @@ def print_train_table(r):
         opt_txt = (f"AdamW{' fused' if gpu else ''} (lr {r['lr']:g}, betas {tuple(r['betas'])}, eps {r['eps']:g}, "
                    f"wd {r['weight_decay']:g} but norms; {'bf16 states, ' if gpu else ''}fp32 math)")
     else:
-        opt_txt = (f"SGD{' fused' if gpu else ''}, no momentum (lr {r['lr']:g}, wd {r['weight_decay']:g} but norms; no state"
-                   f"{': AdamW would not fit in half the card' if r['optimizer_auto'] else ''})")
+        opt_txt = (f"SGD{' fused' if gpu else ''}, no momentum (lr {r['lr']:g}, wd {r['weight_decay']:g} but norms; "
+                   f"no state{': AdamW would not fit in half the card' if r['optimizer_auto'] else ''})")
     print()
-    print(f"training throughput | card: {r['card']} | model: {r['model']} ({r['params'] / 1e9:.2f}B params, "
-          f"LM head {'tied' if r['tied'] else 'untied'}) | {r['steps']} steps x {r['global_batch']} CRB-like pairs, "
-          f"max_length {r['max_length']} | repeats {r['repeats']} | baseline micro-batch {r['hf_micro_pairs']} pairs "
-          f"({2 * r['hf_micro_pairs']} padded sequences) | engine budget {r['max_tokens_per_batch']} tokens")
+    print(harness.header(
+        "training throughput", r["env"],
+        f"model: {r['model']} ({r['params'] / 1e9:.2f}B params, LM head {'tied' if r['tied'] else 'untied'})",
+        f"{r['steps']} steps x {r['global_batch']} CRB-like pairs, max_length {r['max_length']}",
+        f"repeats {r['repeats']}",
+        f"baseline micro-batch {r['hf_micro_pairs']} pairs ({2 * r['hf_micro_pairs']} padded sequences)",
+        f"engine budget {r['max_tokens_per_batch']} tokens"))
     prec = ("both sides train pure-bf16 parameters (no fp32 master copy), optimizer math in fp32"
-            if r["dtype"] == "bfloat16" else f"both sides {r['dtype']}")
+            if gpu else f"both sides {r['dtype']}")
     print(f"recipe (both sides): BT + {r['magnitude_coef']:g}*magnitude(centering) + {r['lm_coef']:g}*LM(chosen "
           f"response), a head per criterion, global normalisers, clip {r['clip']:g}, activation checkpointing | "
           f"optimizer: {opt_txt} | precision: {prec}")
-    print(f"engine kernels: {r['kernels']}")
-    print("| side | pairs/s | tokens/s | median s | peak GiB | MFU (unique tokens) |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    print(f"| themis_engine | {r['engine_pairs_per_s']:.2f} | {r['engine_tokens_per_s']:.0f} | {r['engine_s']:.3f} | "
-          f"{r['engine_peak_gib']:.2f} | {r['engine_mfu']:.1%} |")
+    print(f"engine step: {r['engine_step']} | engine kernels: {r['kernels']}")
+    table = [_side_row("themis_engine", r["engine_pairs_per_s"], r["engine_tokens_per_s"], r["engine_s"],
+                       r["engine_peak_gib"], r["engine_mfu"])]
     if "hf_s" in r:
-        print(f"| transformers | {r['hf_pairs_per_s']:.2f} | {r['hf_tokens_per_s']:.0f} | {r['hf_s']:.3f} | "
-              f"{r['hf_peak_gib']:.2f} | {r['hf_mfu']:.1%} |")
+        table.append(_side_row("transformers", r["hf_pairs_per_s"], r["hf_tokens_per_s"], r["hf_s"],
+                               r["hf_peak_gib"], r["hf_mfu"]))
+    print(harness.markdown_table(TABLE_HEADERS, table))
+    if "hf_s" in r:
         d = r["check_rel_diff"]
         print(f"speedup (pairs/s): {r['speedup']:.2f}x | first step (same weights, same batch, lr 0): loss engine "
               f"{r['engine_check'][0]:.6g} vs transformers {r['hf_check'][0]:.6g}, max rel diff (loss, BT, magnitude, "

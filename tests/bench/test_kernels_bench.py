@@ -4,30 +4,18 @@ the references, and the tables and the JSON come out."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses need the module registered
-    spec.loader.exec_module(mod)
-    return mod
+from bench_scripts import load
 
 
 @pytest.mark.slow  # ~15 s on 2 CPU cores
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke mode needs the Triton interpreter; "
                     "on a GPU run bench/kernels.py itself")
 def test_kernels_bench_cpu_smoke(tmp_path, capsys):
-    mod = _load()
+    mod = load("kernels")
     out_json = tmp_path / "kernels.json"
     res = mod.main(["--cpu", "--json", str(out_json)])
     text = capsys.readouterr().out
@@ -59,7 +47,7 @@ def test_kernels_bench_cpu_smoke(tmp_path, capsys):
 
 def test_visible_pairs_counts_the_mask():
     """The FLOP count's visible (query, key) pairs equal the number of ones of the reference mask."""
-    mod = sys.modules.get("bench_kernels") or _load()
+    mod = load("kernels")
     for segs in (mod.prefix_workload(97, 20, (5, 17), 3, seed=1), mod.prefix_workload(50, 9, (2, 6), 2),
                  mod.dense_workload(3, 11)):
         T = segs[-1][0] + segs[-1][1]
@@ -77,11 +65,7 @@ def test_visible_pairs_counts_the_mask():
 
 def test_attention_sweep_cpu_smoke(capsys):
     """bench/attention_sweep.py's timing path at tiny sizes: two tile candidates, same results."""
-    spec = importlib.util.spec_from_file_location("attention_sweep", ROOT / "bench" / "attention_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    rows = mod.main(["--cpu", "--head-dim", "32"])
+    rows = load("attention_sweep").main(["--cpu", "--head-dim", "32"])
     out = capsys.readouterr().out
     assert len(rows) == 4 and all("error" not in r for r in rows), rows
     assert {r["workload"] for r in rows} == {"dense", "prefix"}
