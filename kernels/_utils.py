@@ -113,6 +113,31 @@ def persistent_programs(t: torch.Tensor, n_tiles: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# Gradients: per-program weight partials, the empty tensor of a gradient not asked for
+# --------------------------------------------------------------------------------------------
+def weight_grad_partials(t: torch.Tensor, n_tiles: int, width: int, compute_dw: bool) -> tuple[int, torch.Tensor]:
+    """(programs, partial) of a persistent backward kernel that also makes a weight gradient of
+    `width` columns: persistent_programs(t, n_tiles) programs (0 when n_tiles is 0: nothing to
+    launch), and the float32 [programs, width] buffer of their partial sums ([0, width] when not
+    compute_dw). `weight_grad` sums it."""
+    n_programs = persistent_programs(t, n_tiles) if n_tiles > 0 else 0
+    partial = torch.empty((n_programs if compute_dw else 0, width), dtype=torch.float32, device=t.device)
+    return n_programs, partial
+
+
+def weight_grad(partial: torch.Tensor, weight: torch.Tensor, compute_dw: bool) -> torch.Tensor:
+    """The weight gradient from the per-program partials [programs, width] (float32): their sum in
+    weight's dtype (deterministic, no atomics), or `empty_unless(False, weight)` when not compute_dw."""
+    return partial.sum(0).to(weight.dtype) if compute_dw else empty_unless(False, weight)
+
+
+def empty_unless(needed: bool, like: torch.Tensor) -> torch.Tensor:
+    """torch.empty_like(like) when needed, else the empty [0] tensor (like's dtype and device) that the
+    ops return in place of a gradient nobody asked for."""
+    return torch.empty_like(like) if needed else like.new_empty((0,))
+
+
+# --------------------------------------------------------------------------------------------
 # Views
 # --------------------------------------------------------------------------------------------
 def rowmajor(t: torch.Tensor) -> torch.Tensor:
@@ -131,8 +156,11 @@ __all__ = [
     "NAMESPACE",
     "as_rows",
     "custom_op",
+    "empty_unless",
     "num_warps_for",
     "persistent_programs",
     "row_tile",
     "rowmajor",
+    "weight_grad",
+    "weight_grad_partials",
 ]

@@ -50,6 +50,72 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _segment(CU, PSTART, PLEN, seg):
+    """Rows seg_lo..seg_hi-1 of segment `seg`, and the prefix rows pre_lo..pre_hi-1 it also sees."""
+    seg_lo = tl.load(CU + seg)
+    seg_hi = tl.load(CU + seg + 1)
+    pre_lo = tl.load(PSTART + seg)
+    pre_hi = pre_lo + tl.load(PLEN + seg)
+    return seg_lo, seg_hi, pre_lo, pre_hi
+
+
+@triton.jit
+def _query_program(CU, PSTART, PLEN, Q, K, V, stride_qh, stride_kh, stride_vh, GRID_M, GROUP: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
+    """What a forward / dQ program (grid: segments x GRID_M, query heads) works on: its query head h,
+    its segment's rows and prefix range (as `_segment`), the Q base of head h and the K / V bases of
+    its kv head, and the first row of its first query block (the next ones follow GRID_M * BLOCK_M
+    rows apart)."""
+    pid = tl.program_id(0)
+    seg = pid // GRID_M
+    h = tl.program_id(1)
+    hk = h // GROUP
+    seg_lo, seg_hi, pre_lo, pre_hi = _segment(CU, PSTART, PLEN, seg)
+    m_first = seg_lo + (pid % GRID_M) * BLOCK_M
+    return h, seg_lo, seg_hi, pre_lo, pre_hi, Q + h * stride_qh, K + hk * stride_kh, V + hk * stride_vh, m_first
+
+
+@triton.jit
+def _key_tile(K_h, V_h, stride_kt, stride_vt, start_n, key_hi, offs_d, MASK: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """(offs_n [BN], n_ok = offs_n < key_hi, k [BN, D], v [BN, D]) at the key rows start_n..; rows
+    out of bounds read as zeros. MASK 0: every row is in bounds (unmasked loads)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < key_hi
+    k_rows = offs_n.to(tl.int64)[:, None]
+    if MASK == 0:
+        k = tl.load(K_h + k_rows * stride_kt + offs_d[None, :])
+        v = tl.load(V_h + k_rows * stride_vt + offs_d[None, :])
+    else:
+        k = tl.load(K_h + k_rows * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(V_h + k_rows * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+    return offs_n, n_ok, k, v
+
+
+@triton.jit
+def _visible(offs_m, offs_n, n_ok, MASK: tl.constexpr):
+    """Which (query, key) pairs of a [BM, BN] score tile count. MASK 1: keys in bounds ([1, BN]);
+    2: causal (key <= query) and in bounds ([BM, BN])."""
+    if MASK == 2:
+        vis = (offs_n[None, :] <= offs_m[:, None]) & n_ok[None, :]
+    else:
+        vis = n_ok[None, :]
+    return vis
+
+
+@triton.jit
+def _query_tile(Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_dot, offs_m, m_ok, offs_d):
+    """The backward's inputs at the query rows offs_m of one head: q, dout [BM, D] (their dtype),
+    lse in log2 units and delta [BM] (float32). Rows not m_ok read zeros and lse = +inf, hence p = 0."""
+    rows = offs_m.to(tl.int64)[:, None]
+    q = tl.load(Q_h + rows * stride_qt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO_h + rows * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE_h + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA_h + offs_m, mask=m_ok, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
 def _fwd_keys(
     acc, l_i, m_i, q, offs_m, offs_d, K_h, V_h, stride_kt, stride_vt, key_lo, key_hi, qk_scale,
     MASK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -59,20 +125,10 @@ def _fwd_keys(
     MASK 0: all keys visible (and all in bounds); 1: keys < key_hi only; 2: causal (key <= query).
     """
     for start_n in range(key_lo, key_hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_rows = offs_n.to(tl.int64)[:, None]
-        if MASK == 0:
-            k = tl.load(K_h + k_rows * stride_kt + offs_d[None, :])
-            v = tl.load(V_h + k_rows * stride_vt + offs_d[None, :])
-        else:
-            n_ok = offs_n < key_hi
-            k = tl.load(K_h + k_rows * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            v = tl.load(V_h + k_rows * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        offs_n, n_ok, k, v = _key_tile(K_h, V_h, stride_kt, stride_vt, start_n, key_hi, offs_d, MASK, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BM, BN], log2 units
-        if MASK == 1:
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-        if MASK == 2:
-            s = tl.where((offs_n[None, :] <= offs_m[:, None]) & n_ok[None, :], s, float("-inf"))
+        if MASK != 0:
+            s = tl.where(_visible(offs_m, offs_n, n_ok, MASK), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
@@ -90,19 +146,10 @@ def _attn_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    seg = pid // GRID_M
-    h = tl.program_id(1)
-    hk = h // GROUP
-    seg_lo = tl.load(CU + seg)
-    seg_hi = tl.load(CU + seg + 1)
-    pre_lo = tl.load(PSTART + seg)
-    pre_hi = pre_lo + tl.load(PLEN + seg)
+    h, seg_lo, seg_hi, pre_lo, pre_hi, Q_h, K_h, V_h, m_first = _query_program(
+        CU, PSTART, PLEN, Q, K, V, stride_qh, stride_kh, stride_vh, GRID_M, GROUP, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    Q_h = Q + h * stride_qh
-    K_h = K + hk * stride_kh
-    V_h = V + hk * stride_vh
-    for m_start in range(seg_lo + (pid % GRID_M) * BLOCK_M, seg_hi, GRID_M * BLOCK_M):
+    for m_start in range(m_first, seg_hi, GRID_M * BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
         m_ok = offs_m < seg_hi
         q_rows = offs_m.to(tl.int64)[:, None]
@@ -111,6 +158,7 @@ def _attn_fwd_kernel(
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        # the prefix range (keys masked to it), the segment's keys before the block, the diagonal
         acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, offs_m, offs_d, K_h, V_h, stride_kt, stride_vt,
                                   pre_lo, pre_hi, qk_scale, 1, BLOCK_N, DOT_PREC)
         acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, offs_m, offs_d, K_h, V_h, stride_kt, stride_vt,
@@ -153,21 +201,11 @@ def _dq_keys(
 ):
     """dq (unscaled) of one query tile from keys key_lo..key_hi-1; MASK as in _fwd_keys."""
     for start_n in range(key_lo, key_hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_rows = offs_n.to(tl.int64)[:, None]
-        if MASK == 0:
-            k = tl.load(K_h + k_rows * stride_kt + offs_d[None, :])
-            v = tl.load(V_h + k_rows * stride_vt + offs_d[None, :])
-        else:
-            n_ok = offs_n < key_hi
-            k = tl.load(K_h + k_rows * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            v = tl.load(V_h + k_rows * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        offs_n, n_ok, k, v = _key_tile(K_h, V_h, stride_kt, stride_vt, start_n, key_hi, offs_d, MASK, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
-        if MASK == 1:
-            p = tl.where(n_ok[None, :], p, 0.0)
-        if MASK == 2:
-            p = tl.where((offs_n[None, :] <= offs_m[:, None]) & n_ok[None, :], p, 0.0)
+        if MASK != 0:
+            p = tl.where(_visible(offs_m, offs_n, n_ok, MASK), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
@@ -183,33 +221,25 @@ def _attn_bwd_dq_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    seg = pid // GRID_M
-    h = tl.program_id(1)
-    hk = h // GROUP
-    seg_lo = tl.load(CU + seg)
-    seg_hi = tl.load(CU + seg + 1)
-    pre_lo = tl.load(PSTART + seg)
-    pre_hi = pre_lo + tl.load(PLEN + seg)
+    h, seg_lo, seg_hi, pre_lo, pre_hi, Q_h, K_h, V_h, m_first = _query_program(
+        CU, PSTART, PLEN, Q, K, V, stride_qh, stride_kh, stride_vh, GRID_M, GROUP, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    K_h = K + hk * stride_kh
-    V_h = V + hk * stride_vh
-    for m_start in range(seg_lo + (pid % GRID_M) * BLOCK_M, seg_hi, GRID_M * BLOCK_M):
+    DO_h = DO + h * stride_doh
+    LSE_h = LSE + h * stride_lh
+    DELTA_h = DELTA + h * stride_lh
+    for m_start in range(m_first, seg_hi, GRID_M * BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
         m_ok = offs_m < seg_hi
-        rows = offs_m.to(tl.int64)[:, None]
-        q = tl.load(Q + h * stride_qh + rows * stride_qt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        do = tl.load(DO + h * stride_doh + rows * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        # padding rows get lse = +inf, hence p = 0
-        lse2 = tl.load(LSE + h * stride_lh + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(DELTA + h * stride_lh + offs_m, mask=m_ok, other=0.0)
+        q, do, lse2, delta = _query_tile(Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_dot, offs_m, m_ok, offs_d)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        # the same three key ranges as the forward
         dq = _dq_keys(dq, q, do, lse2, delta, offs_m, offs_d, K_h, V_h, stride_kt, stride_vt,
                       pre_lo, pre_hi, qk_scale, 1, BLOCK_N, DOT_PREC)
         dq = _dq_keys(dq, q, do, lse2, delta, offs_m, offs_d, K_h, V_h, stride_kt, stride_vt,
                       seg_lo, m_start, qk_scale, 0, BLOCK_N, DOT_PREC)
         dq = _dq_keys(dq, q, do, lse2, delta, offs_m, offs_d, K_h, V_h, stride_kt, stride_vt,
                       m_start, tl.minimum(m_start + BLOCK_M, seg_hi), qk_scale, 2, BLOCK_N, DOT_PREC)
+        rows = offs_m.to(tl.int64)[:, None]
         tl.store(DQ + h * stride_dqh + rows * stride_dqt + offs_d[None, :],
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
 
@@ -227,11 +257,7 @@ def _dkdv_queries(
     for start_m in range(q_lo, q_hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < q_hi
-        rows = offs_m.to(tl.int64)[:, None]
-        q = tl.load(Q_h + rows * stride_qt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        do = tl.load(DO_h + rows * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        lse2 = tl.load(LSE_h + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(DELTA_h + offs_m, mask=m_ok, other=0.0)
+        q, do, lse2, delta = _query_tile(Q_h, DO_h, LSE_h, DELTA_h, stride_qt, stride_dot, offs_m, m_ok, offs_d)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BN, BM]
         p_t = tl.math.exp2(s_t - lse2[None, :])
         if MASK == 1:
@@ -263,11 +289,8 @@ def _attn_bwd_dkdv_kernel(
     view_hi = tl.load(VIEW_PTR + seg + 1)
     offs_d = tl.arange(0, HEAD_DIM)
     for n_start in range(seg_lo + (pid % GRID_N) * BLOCK_N, seg_hi, GRID_N * BLOCK_N):
-        offs_n = n_start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < seg_hi
-        k_rows = offs_n.to(tl.int64)[:, None]
-        k = tl.load(K + hk * stride_kh + k_rows * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-        v = tl.load(V + hk * stride_vh + k_rows * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        offs_n, n_ok, k, v = _key_tile(K + hk * stride_kh, V + hk * stride_vh, stride_kt, stride_vt, n_start,
+                                       seg_hi, offs_d, 1, BLOCK_N)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         diag_hi = tl.minimum(n_start + BLOCK_N, seg_hi)
@@ -285,16 +308,13 @@ def _attn_bwd_dkdv_kernel(
                                    DOT_PREC)
             # every query of each segment whose prefix range overlaps this segment
             for i in range(view_lo, view_hi):
-                t = tl.load(VIEW_SEG + i)
-                t_lo = tl.load(CU + t)
-                t_hi = tl.load(CU + t + 1)
-                pre_lo = tl.load(PSTART + t)
-                pre_hi = pre_lo + tl.load(PLEN + t)
+                t_lo, t_hi, pre_lo, pre_hi = _segment(CU, PSTART, PLEN, tl.load(VIEW_SEG + i))
                 key_ok = n_ok & (offs_n >= pre_lo) & (offs_n < pre_hi)
                 overlaps = (pre_lo < n_start + BLOCK_N) & (pre_hi > n_start)
                 t_hi = tl.where(overlaps, t_hi, t_lo)  # no query loop when the range misses the block
                 dk, dv = _dkdv_queries(dk, dv, k, v, offs_n, key_ok, offs_d, Q_h, DO_h, LSE_h, DELTA_h,
                                        stride_qt, stride_dot, t_lo, t_hi, qk_scale, 1, BLOCK_M, DOT_PREC)
+        k_rows = offs_n.to(tl.int64)[:, None]
         tl.store(DK + hk * stride_dkh + k_rows * stride_dkt + offs_d[None, :],
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=n_ok[:, None])
         tl.store(DV + hk * stride_dvh + k_rows * stride_dvt + offs_d[None, :],

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from themis_engine.kernels._utils import custom_op, rowmajor
+from themis_engine.kernels._utils import custom_op, empty_unless, rowmajor
 from themis_engine.kernels.reference import MAGNITUDE_FORMS, BTOutput
 
 Tensor = torch.Tensor
@@ -311,10 +311,7 @@ def _bt_loss_bwd(
 
 @_bt_loss_bwd.register_fake
 def _bt_loss_bwd_fake(hidden_chosen, hidden_rejected, weight, grad_rc, grad_rr, scale, need_dh, need_dw):
-    dhc = torch.empty_like(hidden_chosen) if need_dh else hidden_chosen.new_empty((0,))
-    dhr = torch.empty_like(hidden_rejected) if need_dh else hidden_rejected.new_empty((0,))
-    dw = torch.empty_like(weight) if need_dw else weight.new_empty((0,))
-    return dhc, dhr, dw
+    return empty_unless(need_dh, hidden_chosen), empty_unless(need_dh, hidden_rejected), empty_unless(need_dw, weight)
 
 
 class _BTLossFunction(torch.autograd.Function):

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from themis_engine.kernels._utils import custom_op
+from themis_engine.kernels._utils import custom_op, empty_unless
 
 Tensor = torch.Tensor
 
@@ -148,10 +148,7 @@ def _linear_ce_fwd(
 
 @_linear_ce_fwd.register_fake
 def _linear_ce_fwd_fake(hidden, weight, labels, ignore_index, normalizer, need_dh, need_dw, chunk_rows):
-    loss = hidden.new_empty((), dtype=torch.float32)
-    dh = torch.empty_like(hidden) if need_dh else hidden.new_empty((0,))
-    dw = torch.empty_like(weight) if need_dw else weight.new_empty((0,))
-    return loss, dh, dw
+    return hidden.new_empty((), dtype=torch.float32), empty_unless(need_dh, hidden), empty_unless(need_dw, weight)
 
 
 class _LinearCEFunction(torch.autograd.Function):

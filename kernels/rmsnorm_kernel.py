@@ -29,7 +29,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from themis_engine.kernels._utils import as_rows, custom_op, num_warps_for, persistent_programs, row_tile
+from themis_engine.kernels._utils import (
+    as_rows,
+    custom_op,
+    empty_unless,
+    num_warps_for,
+    row_tile,
+    weight_grad,
+    weight_grad_partials,
+)
 
 __all__ = ["rms_norm", "score_head"]
 
@@ -40,10 +48,10 @@ __all__ = ["rms_norm", "score_head"]
 _TILE_ELEMS = 4096  # elements per program tile: 16 per thread at 8 warps, i.e. 2 x 16-byte loads in bf16
 
 
-def _config(D: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_D, num_warps) for rows of D elements."""
+def _config(D: int) -> dict:
+    """The tile for rows of D elements, as launch keywords: BLOCK_M, BLOCK_D, num_warps."""
     block_m, block_d = row_tile(D, _TILE_ELEMS)
-    return block_m, block_d, num_warps_for(block_m * block_d)
+    return dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps_for(block_m * block_d))
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,17 +153,15 @@ def _launch_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
     else:
         r2, h = x2, y  # unused placeholders (HAS_RESIDUAL=False)
     if rows > 0:
-        block_m, block_d, num_warps = _config(D)
+        tile = _config(D)
         h2 = h.view(-1, D)
-        _rms_norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
+        _rms_norm_fwd_kernel[(triton.cdiv(rows, tile["BLOCK_M"]),)](
             x2, r2, weight.contiguous(), y, h2, rstd,
             rows, D,
             x2.stride(0), r2.stride(0), D, h2.stride(0),
             float(eps),
             HAS_RESIDUAL=residual is not None,
-            BLOCK_M=block_m,
-            BLOCK_D=block_d,
-            num_warps=num_warps,
+            **tile,
         )
     return y, (h if residual is not None else None), rstd
 
@@ -210,31 +216,23 @@ def _rms_norm_bwd(
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dx2 = dx.view(-1, D)
     dh2 = as_rows(dh, D) if dh is not None else dy2
-    block_m, block_d, num_warps = _config(D)
-    n_tiles = triton.cdiv(rows, block_m)
-    n_programs = persistent_programs(x, n_tiles) if rows > 0 else 0
-    partial = torch.empty((n_programs if compute_dw else 0, D), dtype=torch.float32, device=x.device)
-    if rows > 0:
+    tile = _config(D)
+    n_programs, partial = weight_grad_partials(x, triton.cdiv(rows, tile["BLOCK_M"]), D, compute_dw)
+    if n_programs > 0:
         _rms_norm_bwd_kernel[(n_programs,)](
             dy2, dh2, x2, weight.contiguous(), rstd.reshape(-1).contiguous(), dx2, partial,
             rows, D,
             dy2.stride(0), dh2.stride(0), x2.stride(0), dx2.stride(0),
             HAS_DH=dh is not None,
             COMPUTE_DW=compute_dw,
-            BLOCK_M=block_m,
-            BLOCK_D=block_d,
-            num_warps=num_warps,
+            **tile,
         )
-    if compute_dw:
-        dw = partial.sum(0).to(weight.dtype)
-    else:
-        dw = weight.new_empty((0,))
-    return dx, dw
+    return dx, weight_grad(partial, weight, compute_dw)
 
 
 @_rms_norm_bwd.register_fake
 def _(dy, dh, x, weight, rstd, compute_dw):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape if compute_dw else (0,))
+    return x.new_empty(x.shape), empty_unless(compute_dw, weight)
 
 
 # --------------------------------------------------------------------------------------------

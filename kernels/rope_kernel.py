@@ -23,19 +23,27 @@ import torch
 import triton
 import triton.language as tl
 
-from themis_engine.kernels._utils import custom_op, num_warps_for, persistent_programs, rowmajor
+from themis_engine.kernels._utils import (
+    custom_op,
+    empty_unless,
+    num_warps_for,
+    rowmajor,
+    weight_grad,
+    weight_grad_partials,
+)
 
 __all__ = ["rope", "qk_norm_rope"]
 
 _TILE_PAIRS = 4096  # (token, head, frequency) pairs per program: 8192 elements
 
 
-def _config(T_unused: int, H: int, half: int) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_H, BLOCK_HALF, num_warps)."""
+def _config(H: int, half: int) -> dict:
+    """The tile of every kernel here, as launch keywords: BLOCK_T, BLOCK_H, BLOCK_HALF, num_warps."""
     block_half = triton.next_power_of_2(half)
     block_h = triton.next_power_of_2(H)
     block_t = max(1, min(64, _TILE_PAIRS // (block_h * block_half)))
-    return block_t, block_h, block_half, num_warps_for(2 * block_t * block_h * block_half)
+    return dict(BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half,
+                num_warps=num_warps_for(2 * block_t * block_h * block_half))
 
 
 def _check(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -67,6 +75,39 @@ def _cos_sin(POS, INV, t, j, t_mask, j_mask, scaling, dtype: tl.constexpr):
 
 
 @triton.jit
+def _tokens(POS, INV, tile, T, j, j_mask, h_mask, scaling, dtype: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Token tile `tile` (BLOCK_T tokens) of a [tokens, heads, frequencies] tile: its tokens t as
+    int64 [BLOCK_T], t < T, the in-bounds mask [BLOCK_T, BLOCK_H, BLOCK_HALF], and cos, sin
+    [BLOCK_T, 1, BLOCK_HALF] (as _cos_sin), shared by the heads."""
+    t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = t < T
+    c, s = _cos_sin(POS, INV, t, j, t_mask, j_mask, scaling, dtype)
+    mask = t_mask[:, None, None] & h_mask[None, :, None] & j_mask[None, None, :]
+    return t.to(tl.int64), t_mask, mask, c[:, None, :], s[:, None, :]
+
+
+@triton.jit
+def _offsets(t64, h, j, stride_t, stride_h):
+    """Offsets [BLOCK_T, BLOCK_H, BLOCK_HALF] of the first halves of heads h of tokens t64."""
+    return t64[:, None, None] * stride_t + h[None, :, None] * stride_h + j[None, None, :]
+
+
+@triton.jit
+def _load_halves(P, off, HALF, mask):
+    """The first and second halves (elements off and off + HALF) in float32; zeros where not mask."""
+    first = tl.load(P + off, mask=mask, other=0.0).to(tl.float32)
+    second = tl.load(P + off + HALF, mask=mask, other=0.0).to(tl.float32)
+    return first, second
+
+
+@triton.jit
+def _store_halves(P, off, HALF, mask, first, second):
+    """Store the two float32 halves at off and off + HALF, rounded to P's dtype."""
+    tl.store(P + off, first.to(P.dtype.element_ty), mask=mask)
+    tl.store(P + off + HALF, second.to(P.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rope_kernel(
     X, Y, POS, INV,
     T, H, HALF,
@@ -79,31 +120,18 @@ def _rope_kernel(
 ):
     """Forward: y1 = x1 c - x2 s, y2 = x2 c + x1 s, each product and the sum rounded to the dtype.
     BACKWARD: dx1 = dy1 c + dy2 s, dx2 = dy2 c - dy1 s in float32, rounded once."""
-    pid = tl.program_id(0)
-    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.arange(0, BLOCK_H)
     j = tl.arange(0, BLOCK_HALF)
-    t_mask = t < T
-    j_mask = j < HALF
     dtype = X.dtype.element_ty
-    c, s = _cos_sin(POS, INV, t, j, t_mask, j_mask, scaling, dtype)
-    c = c[:, None, :]
-    s = s[:, None, :]
-
-    t64 = t.to(tl.int64)
-    mask = t_mask[:, None, None] & (h < H)[None, :, None] & j_mask[None, None, :]
-    x_off = t64[:, None, None] * stride_xt + h[None, :, None] * stride_xh + j[None, None, :]
-    y_off = t64[:, None, None] * stride_yt + h[None, :, None] * stride_yh + j[None, None, :]
-    x1 = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(X + x_off + HALF, mask=mask, other=0.0).to(tl.float32)
+    t64, t_mask, mask, c, s = _tokens(POS, INV, tl.program_id(0), T, j, j < HALF, h < H, scaling, dtype, BLOCK_T)
+    x1, x2 = _load_halves(X, _offsets(t64, h, j, stride_xt, stride_xh), HALF, mask)
     if BACKWARD:
         y1 = x1 * c + x2 * s
         y2 = x2 * c - x1 * s
     else:
         y1 = (x1 * c).to(dtype).to(tl.float32) - (x2 * s).to(dtype).to(tl.float32)
         y2 = (x2 * c).to(dtype).to(tl.float32) + (x1 * s).to(dtype).to(tl.float32)
-    tl.store(Y + y_off, y1.to(Y.dtype.element_ty), mask=mask)
-    tl.store(Y + y_off + HALF, y2.to(Y.dtype.element_ty), mask=mask)
+    _store_halves(Y, _offsets(t64, h, j, stride_yt, stride_yh), HALF, mask, y1, y2)
 
 
 @triton.jit
@@ -118,27 +146,17 @@ def _qk_norm_rope_fwd_kernel(
 ):
     """y = rope(weight * cast_x(x * rstd)); the normalised value is rounded to x.dtype, the weight
     product to y.dtype, then rope's rounding points in y.dtype."""
-    pid = tl.program_id(0)
-    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.arange(0, BLOCK_H)
     j = tl.arange(0, BLOCK_HALF)
-    t_mask = t < T
     h_mask = h < H
     j_mask = j < HALF
     x_dtype = X.dtype.element_ty
     y_dtype = Y.dtype.element_ty
-    c, s = _cos_sin(POS, INV, t, j, t_mask, j_mask, scaling, y_dtype)
-    c = c[:, None, :]
-    s = s[:, None, :]
-
-    t64 = t.to(tl.int64)
-    mask = t_mask[:, None, None] & h_mask[None, :, None] & j_mask[None, None, :]
-    x_off = t64[:, None, None] * stride_xt + h[None, :, None] * stride_xh + j[None, None, :]
-    y_off = t64[:, None, None] * stride_yt + h[None, :, None] * stride_yh + j[None, None, :]
-    x1 = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(X + x_off + HALF, mask=mask, other=0.0).to(tl.float32)
-    w1 = tl.load(W + j, mask=j_mask, other=0.0).to(tl.float32)[None, None, :]
-    w2 = tl.load(W + HALF + j, mask=j_mask, other=0.0).to(tl.float32)[None, None, :]
+    t64, t_mask, mask, c, s = _tokens(POS, INV, tl.program_id(0), T, j, j_mask, h_mask, scaling, y_dtype, BLOCK_T)
+    x1, x2 = _load_halves(X, _offsets(t64, h, j, stride_xt, stride_xh), HALF, mask)
+    w1, w2 = _load_halves(W, j, HALF, j_mask)
+    w1 = w1[None, None, :]
+    w2 = w2[None, None, :]
 
     var = (tl.sum(x1 * x1, axis=2) + tl.sum(x2 * x2, axis=2)) / (2 * HALF)
     rstd = tl.math.rsqrt(var + eps)  # [BLOCK_T, BLOCK_H]
@@ -148,10 +166,8 @@ def _qk_norm_rope_fwd_kernel(
     y2 = (w2 * n2).to(y_dtype).to(tl.float32)
     o1 = (y1 * c).to(y_dtype).to(tl.float32) - (y2 * s).to(y_dtype).to(tl.float32)
     o2 = (y2 * c).to(y_dtype).to(tl.float32) + (y1 * s).to(y_dtype).to(tl.float32)
-    tl.store(Y + y_off, o1.to(y_dtype), mask=mask)
-    tl.store(Y + y_off + HALF, o2.to(y_dtype), mask=mask)
-    th_mask = t_mask[:, None] & h_mask[None, :]
-    tl.store(RSTD + t64[:, None] * H + h[None, :], rstd, mask=th_mask)
+    _store_halves(Y, _offsets(t64, h, j, stride_yt, stride_yh), HALF, mask, o1, o2)
+    tl.store(RSTD + t64[:, None] * H + h[None, :], rstd, mask=t_mask[:, None] & h_mask[None, :])
 
 
 @triton.jit
@@ -174,29 +190,17 @@ def _qk_norm_rope_bwd_kernel(
     h_mask = h < H
     j_mask = j < HALF
     x_dtype = X.dtype.element_ty
-    w1 = tl.load(W + j, mask=j_mask, other=0.0).to(tl.float32)[None, None, :]
-    w2 = tl.load(W + HALF + j, mask=j_mask, other=0.0).to(tl.float32)[None, None, :]
+    w1, w2 = _load_halves(W, j, HALF, j_mask)
+    w1 = w1[None, None, :]
+    w2 = w2[None, None, :]
     dw1 = tl.zeros([BLOCK_H, BLOCK_HALF], dtype=tl.float32)
     dw2 = tl.zeros([BLOCK_H, BLOCK_HALF], dtype=tl.float32)
     n_tiles = tl.cdiv(T, BLOCK_T)
     for tile in range(pid, n_tiles, n_programs):
-        t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-        t_mask = t < T
-        c, s = _cos_sin(POS, INV, t, j, t_mask, j_mask, scaling, DO.dtype.element_ty)
-        c = c[:, None, :]
-        s = s[:, None, :]
-        t64 = t.to(tl.int64)
-        mask = t_mask[:, None, None] & h_mask[None, :, None] & j_mask[None, None, :]
-        th = t64[:, None, None]
-        hh = h[None, :, None]
-        jj = j[None, None, :]
-        do_off = th * stride_dot + hh * stride_doh + jj
-        x_off = th * stride_xt + hh * stride_xh + jj
-        dx_off = th * stride_dxt + hh * stride_dxh + jj
-        do1 = tl.load(DO + do_off, mask=mask, other=0.0).to(tl.float32)
-        do2 = tl.load(DO + do_off + HALF, mask=mask, other=0.0).to(tl.float32)
-        x1 = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(X + x_off + HALF, mask=mask, other=0.0).to(tl.float32)
+        t64, t_mask, mask, c, s = _tokens(POS, INV, tile, T, j, j_mask, h_mask, scaling, DO.dtype.element_ty,
+                                          BLOCK_T)
+        do1, do2 = _load_halves(DO, _offsets(t64, h, j, stride_dot, stride_doh), HALF, mask)
+        x1, x2 = _load_halves(X, _offsets(t64, h, j, stride_xt, stride_xh), HALF, mask)
         rstd = tl.load(RSTD + t64[:, None] * H + h[None, :], mask=t_mask[:, None] & h_mask[None, :], other=0.0)
         rstd = rstd[:, :, None]
 
@@ -210,8 +214,7 @@ def _qk_norm_rope_bwd_kernel(
         dot = dot[:, :, None]
         dx1 = (g1 - n1 * dot) * rstd
         dx2 = (g2 - n2 * dot) * rstd
-        tl.store(DX + dx_off, dx1.to(DX.dtype.element_ty), mask=mask)
-        tl.store(DX + dx_off + HALF, dx2.to(DX.dtype.element_ty), mask=mask)
+        _store_halves(DX, _offsets(t64, h, j, stride_dxt, stride_dxh), HALF, mask, dx1, dx2)
         if COMPUTE_DW:
             dw1 += tl.sum(dy1 * n1.to(x_dtype).to(tl.float32), axis=0)
             dw2 += tl.sum(dy2 * n2.to(x_dtype).to(tl.float32), axis=0)
@@ -228,43 +231,37 @@ def _launch_rope(x: torch.Tensor, position_ids, inv_freq, attention_scaling: flo
     T, H, D = x.shape
     y = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
     if T > 0 and H > 0:
-        block_t, block_h, block_half, num_warps = _config(T, H, D // 2)
-        _rope_kernel[(triton.cdiv(T, block_t),)](
+        tile = _config(H, D // 2)
+        _rope_kernel[(triton.cdiv(T, tile["BLOCK_T"]),)](
             x, y, position_ids.contiguous(), inv_freq.contiguous(),
             T, H, D // 2,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             float(attention_scaling),
             BACKWARD=backward,
-            BLOCK_T=block_t,
-            BLOCK_H=block_h,
-            BLOCK_HALF=block_half,
-            num_warps=num_warps,
+            **tile,
         )
     return y
 
 
-@custom_op("rope_fwd")
-def _rope_fwd(
-    x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float
-) -> torch.Tensor:
-    return _launch_rope(_check(x, position_ids, inv_freq), position_ids, inv_freq, attention_scaling, False)
+def _rope_op(name: str, backward: bool):
+    """The custom op `themis::<name>` rotating x [T, H, D] by the angle (forward) or by its negative
+    (backward, x being the output gradient); out [T, H, D] contiguous, x's dtype."""
+
+    @custom_op(name)
+    def op(
+        x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float
+    ) -> torch.Tensor:
+        return _launch_rope(_check(x, position_ids, inv_freq), position_ids, inv_freq, attention_scaling, backward)
+
+    @op.register_fake
+    def _(x, position_ids, inv_freq, attention_scaling):
+        return x.new_empty(x.shape)
+
+    return op
 
 
-@_rope_fwd.register_fake
-def _(x, position_ids, inv_freq, attention_scaling):
-    return x.new_empty(x.shape)
-
-
-@custom_op("rope_bwd")
-def _rope_bwd(
-    dy: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float
-) -> torch.Tensor:
-    return _launch_rope(_check(dy, position_ids, inv_freq), position_ids, inv_freq, attention_scaling, True)
-
-
-@_rope_bwd.register_fake
-def _(dy, position_ids, inv_freq, attention_scaling):
-    return dy.new_empty(dy.shape)
+_rope_fwd = _rope_op("rope_fwd", backward=False)
+_rope_bwd = _rope_op("rope_bwd", backward=True)
 
 
 @custom_op("qk_norm_rope_fwd")
@@ -284,16 +281,13 @@ def _qk_norm_rope_fwd(
     y = torch.empty((T, H, D), dtype=torch.promote_types(x.dtype, norm_weight.dtype), device=x.device)
     rstd = torch.empty((T, H), dtype=torch.float32, device=x.device)
     if T > 0 and H > 0:
-        block_t, block_h, block_half, num_warps = _config(T, H, D // 2)
-        _qk_norm_rope_fwd_kernel[(triton.cdiv(T, block_t),)](
+        tile = _config(H, D // 2)
+        _qk_norm_rope_fwd_kernel[(triton.cdiv(T, tile["BLOCK_T"]),)](
             x, norm_weight.contiguous(), y, rstd, position_ids.contiguous(), inv_freq.contiguous(),
             T, H, D // 2,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             float(eps), float(attention_scaling),
-            BLOCK_T=block_t,
-            BLOCK_H=block_h,
-            BLOCK_HALF=block_half,
-            num_warps=num_warps,
+            **tile,
         )
     return y, rstd
 
@@ -321,10 +315,9 @@ def _qk_norm_rope_bwd(
     dout = rowmajor(dout)
     T, H, D = x.shape
     dx = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
-    block_t, block_h, block_half, num_warps = _config(T, H, D // 2)
-    n_tiles = triton.cdiv(T, block_t)
-    n_programs = persistent_programs(x, n_tiles) if T > 0 and H > 0 else 0
-    partial = torch.empty((n_programs if compute_dw else 0, D), dtype=torch.float32, device=x.device)
+    tile = _config(H, D // 2)
+    n_tiles = triton.cdiv(T, tile["BLOCK_T"]) if H > 0 else 0
+    n_programs, partial = weight_grad_partials(x, n_tiles, D, compute_dw)
     if n_programs > 0:
         _qk_norm_rope_bwd_kernel[(n_programs,)](
             dout, x, norm_weight.contiguous(), rstd.contiguous(), position_ids.contiguous(), inv_freq.contiguous(),
@@ -333,21 +326,14 @@ def _qk_norm_rope_bwd(
             dout.stride(0), dout.stride(1), x.stride(0), x.stride(1), dx.stride(0), dx.stride(1),
             float(attention_scaling),
             COMPUTE_DW=compute_dw,
-            BLOCK_T=block_t,
-            BLOCK_H=block_h,
-            BLOCK_HALF=block_half,
-            num_warps=num_warps,
+            **tile,
         )
-    if compute_dw:
-        dw = partial.sum(0).to(norm_weight.dtype)
-    else:
-        dw = norm_weight.new_empty((0,))
-    return dx, dw
+    return dx, weight_grad(partial, norm_weight, compute_dw)
 
 
 @_qk_norm_rope_bwd.register_fake
 def _(dout, x, norm_weight, rstd, position_ids, inv_freq, attention_scaling, compute_dw):
-    return x.new_empty(x.shape), norm_weight.new_empty(norm_weight.shape if compute_dw else (0,))
+    return x.new_empty(x.shape), empty_unless(compute_dw, norm_weight)
 
 
 # --------------------------------------------------------------------------------------------

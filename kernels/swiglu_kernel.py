@@ -34,6 +34,28 @@ def _config(N: int) -> tuple[int, int, int]:
 
 
 @triton.jit
+def _tile(n_rows, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's tile of the [n_rows, N] view: (row offsets [BLOCK_M, 1] int64, columns
+    [1, BLOCK_N], in-bounds mask [BLOCK_M, BLOCK_N])."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
+    return rows.to(tl.int64)[:, None], cols[None, :], mask
+
+
+@triton.jit
+def _load_f32(P, rows64, cols, stride, mask):
+    """The tile of P (row stride `stride`) in float32; zeros out of bounds."""
+    return tl.load(P + rows64 * stride + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store(P, rows64, cols, stride, mask, value):
+    """Store the float32 tile `value` into P, rounded to P's dtype."""
+    tl.store(P + rows64 * stride + cols, value.to(P.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _swiglu_fwd_kernel(
     G, U, O,
     n_rows, N,
@@ -41,14 +63,11 @@ def _swiglu_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    g = tl.load(G + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rows64, cols, mask = _tile(n_rows, N, BLOCK_M, BLOCK_N)
+    g = _load_f32(G, rows64, cols, stride_g, mask)
+    u = _load_f32(U, rows64, cols, stride_u, mask)
     act = (g / (1.0 + tl.exp(-g))).to(G.dtype.element_ty).to(tl.float32)
-    tl.store(O + rows64 * stride_o + cols[None, :], (act * u).to(O.dtype.element_ty), mask=mask)
+    _store(O, rows64, cols, stride_o, mask, act * u)
 
 
 @triton.jit
@@ -59,19 +78,16 @@ def _swiglu_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    do = tl.load(DO + rows64 * stride_do + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + rows64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + rows64 * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rows64, cols, mask = _tile(n_rows, N, BLOCK_M, BLOCK_N)
+    do = _load_f32(DO, rows64, cols, stride_do, mask)
+    g = _load_f32(G, rows64, cols, stride_g, mask)
+    u = _load_f32(U, rows64, cols, stride_u, mask)
     sig = 1.0 / (1.0 + tl.exp(-g))
     act = (g * sig).to(G.dtype.element_ty).to(tl.float32)
     dg = do * u * (sig * (1.0 + g * (1.0 - sig)))
     du = do * act
-    tl.store(DG + rows64 * stride_dg + cols[None, :], dg.to(DG.dtype.element_ty), mask=mask)
-    tl.store(DU + rows64 * stride_du + cols[None, :], du.to(DU.dtype.element_ty), mask=mask)
+    _store(DG, rows64, cols, stride_dg, mask, dg)
+    _store(DU, rows64, cols, stride_du, mask, du)
 
 
 def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
