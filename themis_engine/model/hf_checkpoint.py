@@ -115,7 +115,7 @@ def load_reward_model(
     heads to create (a count or names; default one head, "reward"), zero-initialised; for a
     *ForSequenceClassification checkpoint, optional names that replace id2label's (count must match).
     keep_lm_head: for a *ForCausalLM checkpoint, also load the LM head (the trainer's LM loss).
-    quantize: "fp8" stores the blocks' linear weights in e4m3 with per-channel scales (quant.py).
+    quantize: "fp8" stores the blocks' linear weights in e4m3 with per-channel scales (fp8.py).
     """
     cfg = read_config(path)
     files = safetensors_files(path)

@@ -2,7 +2,7 @@
 
 Conversations are tokenized with the tokenizer's chat template; the K responses to one prompt form
 a group whose longest common token prefix is computed once; groups are packed into token-budget
-micro-batches (packing.py) and run through the model under `torch.inference_mode`.
+micro-batches (themis_engine.packing) and run through the model under `torch.inference_mode`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ logger = logging.getLogger("themis_engine")
 Message = dict[str, str]
 Conversation = list[Message]
 OVERFLOW_POLICIES = ("truncate", "skip", "error")
-
 
 
 @dataclass
@@ -87,8 +86,8 @@ class Scorer:
         offload: str | None = None,
     ) -> "Scorer":
         """Load the model (without an LM head) and the tokenizer files from a local folder.
-        quantize="fp8": FP8 block weights (quant.py); offload="layers": the blocks stay in host
-        memory and stream to the device one at a time (streaming.py)."""
+        quantize="fp8": FP8 block weights (model/fp8.py); offload="layers": the blocks stay in host
+        memory and stream to the device one at a time (model/offload.py)."""
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype is None and torch.device(device).type == "cuda":
