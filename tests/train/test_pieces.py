@@ -7,12 +7,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
 import torch
+from train_helpers import tiny_objective, token_pairs
 
 from themis_engine.config import ConfigError, apply
 from themis_engine.eval.results import grouped_accuracy
@@ -22,35 +22,18 @@ from themis_engine.train import microbatch, optim
 from themis_engine.train.__main__ import parse_config, split_legacy_shape_flags
 from themis_engine.train.checkpoint import CheckpointManager
 from themis_engine.train.config import PRESETS, OptimSection, ShapeOverrides, TrainConfig
-from themis_engine.train.objective import RewardObjective
 from themis_engine.train.parallelize import parallelize, plain_name, wants_activation_checkpointing
 from themis_engine.train.validate import Validator, accuracy_cells
 
 H = 3
 
 
-def _pairs(n=9, seed=0, vocab=97):
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 12))]
-        c = prompt + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 8))]
-        r = prompt + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 8))]
-        out.append(SimpleNamespace(chosen_ids=c, rejected_ids=r, chosen_response_start=len(prompt),
-                                   aspect_index=rng.choice([-1, 0, 1, 2]), margin=0.0,
-                                   language=rng.choice(["Python", "Go", None])))
-    return out
+def _pairs(n=9, seed=0):
+    return token_pairs(n, seed, languages=["Python", "Go", None])
 
 
 def _objective(seed=0):
-    torch.manual_seed(seed)
-    args = ModelArgs(family="qwen3", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
-                     num_heads=4, num_kv_heads=2, head_dim=8, criteria=("a", "b", "c"))
-    rm = RewardModel(args, with_lm_head=True)
-    with torch.no_grad():
-        for name, p in rm.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.2 * torch.randn_like(p))
-    return RewardObjective(rm, 0.3, 0.05, "centering")
+    return tiny_objective(seed=seed)
 
 
 def _loss_and_grads(obj, pairs):

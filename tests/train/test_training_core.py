@@ -3,44 +3,22 @@ an unpacked, unshared reference step; LM targets land on the chosen response tok
 
 from __future__ import annotations
 
-import random
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
+from train_helpers import tiny_objective, token_pairs
 
-from themis_engine.model.args import ModelArgs
-from themis_engine.model.decoder import RewardModel
 from themis_engine.packing.batch import SegmentMeta
 from themis_engine.train import microbatch
-from themis_engine.train.objective import RewardObjective
 
 H = 3
 
 
-def _pairs(n=7, seed=0, vocab=97):
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 12))]
-        common = [rng.randrange(3, vocab) for _ in range(rng.randint(0, 6))] if i % 2 else []
-        c = prompt + common + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 8))]
-        r = prompt + common + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 8))]
-        out.append(SimpleNamespace(chosen_ids=c, rejected_ids=r, chosen_response_start=len(prompt),
-                                   aspect_index=rng.choice([-1, 0, 1, 2]), margin=rng.choice([0.0, 0.5]),
-                                   language="Python"))
-    return out
+def _pairs(n=7, seed=0):
+    return token_pairs(n, seed, shared_answer=True, margins=[0.0, 0.5])
 
 
 def _objective(lm_coef=0.3, mu=0.05, seed=0):
-    torch.manual_seed(seed)
-    args = ModelArgs(family="qwen3", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
-                     num_heads=4, num_kv_heads=2, head_dim=8, criteria=("a", "b", "c"))
-    rm = RewardModel(args, with_lm_head=True)
-    with torch.no_grad():
-        for name, p in rm.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.2 * torch.randn_like(p))
-    return RewardObjective(rm, lm_coef, mu, "centering").double()
+    return tiny_objective(lm_coef, mu, seed).double()
 
 
 def _packed_grads(obj, pairs, budget):
