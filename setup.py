@@ -1,7 +1,8 @@
 """themis_engine: a packed, prefix-shared engine for code reward models.
 
-`kernels/` is installed as the subpackage `themis_engine.kernels` (package_dir below), so nothing
-lands under the generic top-level name `kernels`.
+The Triton kernels live in themis_engine/kernels/: no folder of the tree is named `kernels` at its
+root, where it would shadow Hugging Face's `kernels` package (a dependency of transformers 5.x) for
+any program started from the source tree.
 
 The C++ packing planner (csrc/planner.cpp -> themis_engine._planner, pybind11) is built where a C++
 compiler and pybind11 are there; THEMIS_NO_EXT=1 skips it. It is optional: without pybind11, or when
@@ -79,9 +80,8 @@ setup(
     version="0.1.0",
     description="Fast training, scoring and evaluation of Bradley-Terry code reward models",
     python_requires=">=3.10",
-    # every package under themis_engine/ is found (a new folder needs no entry here), plus kernels/
-    packages=find_packages(include=["themis_engine", "themis_engine.*"]) + ["themis_engine.kernels"],
-    package_dir={"themis_engine": "themis_engine", "themis_engine.kernels": "kernels"},
+    # every package under themis_engine/ is found (a new folder needs no entry here)
+    packages=find_packages(include=["themis_engine", "themis_engine.*"]),
     install_requires=[
         # torch>=2.11 admits the 2.13.0 CPU wheel on the dev machines and 2.11 on the GPU image
         "torch>=2.11",

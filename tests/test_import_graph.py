@@ -1,6 +1,6 @@
 """The import graph of themis_engine has no cycle.
 
-Every module under themis_engine/ (and kernels/, installed as themis_engine.kernels) is parsed; each
+Every module under themis_engine/ (kernels included) is parsed; each
 import inside it, at any depth (function-level imports included, `if TYPE_CHECKING:` blocks not:
 they never run), is an edge to the module it loads. Importing `a.b.c` also runs the `__init__` of
 `a.b`, so that is an edge too, except towards the importer's own parent packages (already loading)
@@ -19,12 +19,12 @@ PKG = "themis_engine"
 
 def _modules() -> dict[str, Path]:
     mods = {}
-    for base, prefix in ((ROOT / PKG, [PKG]), (ROOT / "kernels", [PKG, "kernels"])):
-        for path in base.rglob("*.py"):
-            parts = prefix + list(path.relative_to(base).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            mods[".".join(parts)] = path
+    base = ROOT / PKG
+    for path in base.rglob("*.py"):
+        parts = [PKG] + list(path.relative_to(base).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = path
     return mods
 
 

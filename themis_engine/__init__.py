@@ -6,14 +6,6 @@ token streams (see ARCHITECTURE.md in the project's shared folder for the batch 
     scores = scorer.score([[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]])
 """
 
-import importlib.util as _ilu
-import os as _os
-
-if _ilu.find_spec(__name__ + ".kernels") is None:
-    # Run from a source tree that was not installed: setup.py maps kernels/ to themis_engine.kernels,
-    # so let this package find it at the tree's root too.
-    __path__.append(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
-
 from themis_engine import _compat
 from themis_engine.errors import (
     CheckpointError,

@@ -35,7 +35,7 @@ import torch
 from themis_engine.config import ENVIRONMENT, environ
 from themis_engine.kernels._utils import custom_op
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
+CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
 SOURCES = ("binding.cpp", "score_head.cu", "add_rmsnorm.cu")
 HEADERS = ("themis_cuda.h", "common.cuh")
 EXT_NAME = "themis_cuda_ext"
