@@ -380,12 +380,13 @@ def print_table(r):
 class BenchPair:
     """The fields batching.build_micro_batches / global_counts read (data.TokenizedPair's names)."""
 
-    __slots__ = ("chosen_ids", "rejected_ids", "chosen_response_start", "aspect_index", "margin")
+    __slots__ = ("chosen_ids", "rejected_ids", "chosen_response_start", "chosen_target_end", "aspect_index", "margin")
 
     def __init__(self, chosen_ids, rejected_ids, chosen_response_start, aspect_index, margin=0.0):
         self.chosen_ids = chosen_ids  # the standalone chosen sequence (prefix + chosen response)
         self.rejected_ids = rejected_ids
         self.chosen_response_start = chosen_response_start  # = len(prefix): LM on the chosen response
+        self.chosen_target_end = -1  # to the end of the sequence (no template closing here)
         self.aspect_index = aspect_index  # the pair's head in the model's criteria
         self.margin = margin
 

@@ -1,40 +1,100 @@
-"""Chat-template rendering and the over-length cut, shared by the scorer and the trainer's data.
+"""The one chat path: conversation -> the token ids a reward model scores (and trains on).
 
-A conversation is rendered to text with the tokenizer's chat template and encoded without special
-tokens (the template holds any BOS). Over max_length, the answer (the last message's content) is cut
-from the right and the template's closing tokens (the text after the answer) are kept.
+Every entry point (the Scorer, the trainer's data, the TRL and verl adapters, the server) turns a
+conversation into ids here, so they cannot drift apart:
+
+    encoded = chat.encode(tokenizer, conversations, max_length=4096)   # list[Encoded | None]
+
+A conversation is rendered with the tokenizer's own chat template (`apply_chat_template(...,
+tokenize=False)`) and the text encoded without special tokens (the template holds any BOS). The
+scored turn is the LAST message (an assistant turn). Where its content lies in the ids is found in
+token space, without assuming the template copies the content verbatim (real templates rewrite it:
+Qwen3 strips leading newlines and turns text before `</think>` into a think block): the same
+conversation is rendered again with two probe answers ("a", "b") in place of the last content, and
+
+* `answer_start` = the first token where the real rendering differs from a probe's (the longest
+  common token prefix), i.e. the first token whose text depends on the answer;
+* `closing_start` = the first token of the longest common token suffix after that: the template's
+  closing tokens (ChatML: `<|im_end|>` `\\n`), the same for every answer.
+
+So `ids[answer_start:closing_start]` are exactly the tokens the template emits for the answer. For
+an answer the template rewrites, these are the rewritten tokens (e.g. Qwen3's `plan\\n</think>\\n\\ncode`
+for the content `<think>plan</think>code`), and text the template emits for every answer is not
+part of it (Qwen3's `<think>\\n` opening, or the empty `<think>\\n\\n</think>\\n\\n` it adds to a
+plain answer). Where a token of the template's text merges with the answer's first or last
+characters, that token counts as the answer's. An empty answer has an empty span.
+
+The over-length cut (`on_overflow="truncate"`): the last turn's answer is cut from the right in
+token space and the closing tokens are kept, `ids[:max_length - n_closing] + ids[closing_start:]`
+(at least one answer token stays); the prompt is never cut: a prompt that alone does not fit
+(`answer_start + 1 + n_closing > max_length`) is an error naming the item.
+
+LM targets (`Encoded.targets`): the answer's tokens plus the end-of-turn token (the first closing
+token: `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, ...): the model must learn where its answer ends,
+while what the template adds after it (a newline) and everything before the answer (system, user
+turns, the role header, a think opening the template writes for every answer) are not targets. A
+think block written by the answer itself is the answer's text and so is a target.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Sequence
 
-_SENTINEL = "\x00THEMIS\x01ANSWER\x00"
+from themis_engine.errors import InputError
+
+__all__ = [
+    "Encoded", "OVERFLOW_POLICIES", "check_conversation", "common_prefix", "common_suffix", "encode",
+    "encode_many", "fit", "render", "turn_closing",
+]
+
+OVERFLOW_POLICIES = ("truncate", "skip", "error")
+# Probe answers: plain letters no template treats specially, differing in first and last token.
+_PROBES = ("a", "b")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One conversation as the ids scored.
+
+    ids: the scored sequence (after any cut). answer_start / closing_start: indices into ids (see
+    the module docstring); None where the spans were not asked for (`encode(spans=False)`, only
+    sequences that needed the cut have them). full_length: tokens before the cut.
+    """
+
+    ids: list[int]
+    answer_start: int | None
+    closing_start: int | None
+    full_length: int
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.ids) < self.full_length
+
+    @property
+    def target_end(self) -> int:
+        """End (exclusive) of the LM targets: the answer and the end-of-turn token."""
+        if self.closing_start is None:
+            raise ValueError("this Encoded was made without spans")
+        return min(self.closing_start + 1, len(self.ids))
+
+    @property
+    def targets(self) -> list[int]:
+        """The LM target tokens: ids[answer_start:target_end]."""
+        return self.ids[self.answer_start:self.target_end]
 
 
 def render(tokenizer, conv: list[dict]) -> str:
+    """The conversation as text, by the tokenizer's chat template."""
     return tokenizer.apply_chat_template(conv, tokenize=False)
 
 
 def encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Texts -> ids in one batched tokenizer call, no special tokens added."""
     if not texts:
         return []
     return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-
-def answer_span(tokenizer, conv: list[dict], text: str) -> int:
-    """Character offset in `text` (the rendering of conv) of the last message's content, -1 if not
-    found. The conversation is rendered again with a sentinel in place of that content; where the
-    template copies content verbatim this gives the offset exactly (a plain search for the content
-    can land inside the closing tokens, e.g. an answer "e" in "<|im_end|>"). Otherwise the last
-    occurrence of the content is taken."""
-    content = conv[-1]["content"]
-    probe = conv[:-1] + [dict(conv[-1], content=_SENTINEL)]
-    marked = render(tokenizer, probe)
-    at = marked.find(_SENTINEL)
-    if at >= 0 and marked[:at] + content + marked[at + len(_SENTINEL):] == text:
-        return at
-    return text.rfind(content) if content else -1
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -45,27 +105,144 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def fit_to_length(ids: list[int], start: int, tail: list[int], max_length: int, what: str,
-                  error=ValueError) -> list[int]:
-    """Cut `ids` to max_length keeping its first tokens and the closing tokens `tail` (dropped when
-    they do not tokenize apart at the end of ids). start: where the answer begins; a prompt that
-    alone does not fit raises `error` naming `what`."""
-    if tail and ids[-len(tail):] != tail:
-        tail = []
-    keep = max_length - len(tail)
-    if start + 1 > keep:
+def common_suffix(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:
+    """Length of the longest common suffix of a and b, at most `limit`."""
+    n = min(len(a), len(b)) if limit is None else min(len(a), len(b), limit)
+    i = 0
+    while i < n and a[-1 - i] == b[-1 - i]:
+        i += 1
+    return i
+
+
+def encode(
+    tokenizer,
+    conversations: Sequence[list[dict]],
+    max_length: int | None = None,
+    on_overflow: str = "truncate",
+    names: Sequence[str] | None = None,
+    error: type[Exception] = InputError,
+    spans: bool = True,
+) -> list[Encoded | None]:
+    """Conversations (each a list of {"role", "content"} messages whose last one is the scored turn)
+    -> one Encoded each, in order; None for a sequence over max_length under on_overflow="skip".
+
+    max_length: None for no limit. on_overflow: "truncate" (the cut of the module docstring),
+    "skip" (None) or "error" (raise `error` naming the item). names: how errors call each
+    conversation (default "conversation i"). spans=False: answer_start / closing_start only for the
+    sequences that needed the cut (saves the probe renderings where only the ids are needed).
+    All texts of a call are encoded in one batched tokenizer call.
+    """
+    if on_overflow not in OVERFLOW_POLICIES:
+        raise ValueError(f"on_overflow must be one of {OVERFLOW_POLICIES}, got {on_overflow!r}")
+    convs = list(conversations)
+    whats = list(names) if names is not None else [f"conversation {i}" for i in range(len(convs))]
+    if len(whats) != len(convs):
+        raise ValueError(f"{len(convs)} conversations but {len(whats)} names")
+    for conv, what in zip(convs, whats):
+        check_conversation(conv, what, error)
+    texts = [_render(tokenizer, conv, what, error) for conv, what in zip(convs, whats)]
+    ids = encode_many(tokenizer, texts)
+    for x, what in zip(ids, whats):
+        if not x:
+            raise error(f"{what}: the chat template produced no tokens")
+    over = [k for k, x in enumerate(ids) if max_length is not None and len(x) > max_length]
+    if over and on_overflow == "error":
+        k = over[0]
+        raise error(f"{whats[k]}: {len(ids[k])} tokens, over max_length={max_length}")
+    need = range(len(convs)) if spans else (over if on_overflow == "truncate" else [])
+    found = _spans(tokenizer, [convs[k] for k in need], [ids[k] for k in need], [whats[k] for k in need], error)
+    span_of = dict(zip(need, found))
+    out: list[Encoded | None] = []
+    for k, x in enumerate(ids):
+        a, c = span_of.get(k, (None, None))
+        if max_length is not None and len(x) > max_length:
+            if on_overflow == "skip":
+                out.append(None)
+                continue
+            out.append(fit(Encoded(x, a, c, len(x)), max_length, whats[k], error))
+        else:
+            out.append(Encoded(x, a, c, len(x)))
+    return out
+
+
+def fit(enc: Encoded, max_length: int, what: str, error: type[Exception] = InputError) -> Encoded:
+    """The over-length cut: keep ids[:max_length - n_closing] and the closing tokens; the prompt
+    (ids[:answer_start]) and one answer token must fit, else `error` naming `what`."""
+    if len(enc.ids) <= max_length:
+        return enc
+    a, c = enc.answer_start, enc.closing_start
+    closing = enc.ids[c:]
+    keep = max_length - len(closing)
+    need = a + min(1, c - a)
+    if keep < need:
         raise error(
-            f"{what}: the prompt alone is {start} tokens (+{len(tail)} closing), over max_length={max_length}; "
-            "raise max_length or use on_overflow='skip'"
+            f"{what}: the prompt alone is {a} tokens (+{len(closing)} closing tokens of the turn), "
+            f"over max_length={max_length}; raise max_length or shorten the prompt"
         )
-    return ids[:keep] + tail
+    return Encoded(enc.ids[:keep] + closing, a, keep, enc.full_length)
 
 
-def truncate(tokenizer, conv: list[dict], text: str, ids: list[int], max_length: int, what: str,
-             error=ValueError) -> list[int]:
-    """The over-length cut of one rendered conversation (render -> ids already done)."""
-    at = answer_span(tokenizer, conv, text)
-    if at < 0:
-        return fit_to_length(ids, 0, [], max_length, what, error)
-    head, tail = encode_many(tokenizer, [text[:at], text[at + len(conv[-1]["content"]):]])
-    return fit_to_length(ids, common_prefix(head, ids), tail, max_length, what, error)
+def turn_closing(tokenizer) -> list[int]:
+    """The ids the chat template writes after an assistant turn's content (ChatML: `<|im_end|>\\n`):
+    the common token suffix of two probe conversations."""
+    probes = [[{"role": "user", "content": "u"}, {"role": "assistant", "content": p}] for p in _PROBES]
+    a, b = encode_many(tokenizer, [render(tokenizer, c) for c in probes])
+    n = common_suffix(a, b, min(len(a), len(b)) - common_prefix(a, b))
+    return a[len(a) - n:]
+
+
+def check_conversation(conv, what: str, error: type[Exception] = InputError) -> None:
+    """A non-empty list of messages with string 'role' and 'content', ending with an assistant turn."""
+    if not isinstance(conv, (list, tuple)) or not conv:
+        raise error(f"{what}: a conversation must be a non-empty list of messages")
+    for j, m in enumerate(conv):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise error(f"{what}, message {j}: each message needs a string 'role' and a string 'content'")
+    if conv[-1]["role"] != "assistant":
+        raise error(
+            f"{what}: the last message has role {conv[-1]['role']!r}; a scored conversation must end with "
+            "an assistant turn (the response to score)"
+        )
+
+
+def _render(tokenizer, conv, what: str, error) -> str:
+    try:
+        return render(tokenizer, conv)
+    except Exception as err:  # jinja raises TemplateError, and templates raise their own messages
+        raise error(f"{what}: the chat template could not render it ({type(err).__name__}: {err})") from None
+
+
+def _spans(tokenizer, convs, ids, whats, error) -> list[tuple[int, int]]:
+    """(answer_start, closing_start) of each conversation, from its rendering with probe answers.
+    Conversations that differ only in the last content share their probes (one per prompt)."""
+    keys, probe_convs = [], {}
+    for conv in convs:
+        key = _prompt_key(conv)
+        keys.append(key)
+        if key not in probe_convs:
+            probe_convs[key] = [conv[:-1] + [dict(conv[-1], content=p)] for p in _PROBES]
+    order = list(probe_convs)
+    texts = [_render(tokenizer, c, "probe", error) for key in order for c in probe_convs[key]]
+    flat = encode_many(tokenizer, texts)
+    probes = {key: flat[len(_PROBES) * j: len(_PROBES) * (j + 1)] for j, key in enumerate(order)}
+    out = []
+    for x, key, what in zip(ids, keys, whats):
+        starts, ends = [], []
+        for p in probes[key]:
+            if p == x:  # the answer is the probe itself: that probe says nothing
+                continue
+            pre = common_prefix(x, p)
+            suf = common_suffix(x, p, min(len(x), len(p)) - pre)
+            starts.append(pre)
+            ends.append(len(x) - suf)
+        if not starts:
+            raise error(f"{what}: the chat template renders the same tokens for any answer; it does not "
+                        "show the last message's content")
+        out.append((min(starts), max(ends)))
+    return out
+
+
+def _prompt_key(conv) -> str:
+    """The conversation without the last message's content (what the probe renderings depend on)."""
+    head = list(conv[:-1]) + [{k: v for k, v in conv[-1].items() if k != "content"}]
+    return json.dumps(head, sort_keys=True, default=str, ensure_ascii=False)

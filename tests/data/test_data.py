@@ -371,13 +371,13 @@ def test_cache_hit_equals_miss_and_skips_tokenizing(tok, tmp_path, monkeypatch):
     assert {k: s2[k] for k in ("kept", "truncated", "tokens")} == {k: s1[k] for k in ("kept", "truncated", "tokens")}
     assert t_hit < t_miss
     # another setting is another key (the patched tokenizer proves it tokenizes again)
-    with pytest.raises(AssertionError, match="tokenized on a cache hit"):
+    with pytest.raises(DataError, match="tokenized on a cache hit"):
         D.tokenize_pairs(pairs, tok, 257, systems, CRITERIA, cache_dir=tmp_path / "cache")
-    with pytest.raises(AssertionError, match="tokenized on a cache hit"):
+    with pytest.raises(DataError, match="tokenized on a cache hit"):
         D.tokenize_pairs(pairs, tok, 256, None, CRITERIA, cache_dir=tmp_path / "cache")
     changed = list(pairs)
     changed[7] = D.PreferencePair(prompt="changed", chosen="x", rejected="y")
-    with pytest.raises(AssertionError, match="tokenized on a cache hit"):
+    with pytest.raises(DataError, match="tokenized on a cache hit"):
         D.tokenize_pairs(changed, tok, 256, systems, CRITERIA, cache_dir=tmp_path / "cache")
 
 

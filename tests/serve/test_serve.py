@@ -174,8 +174,6 @@ BAD_REQUESTS = [
     ("empty query", json.dumps({"query": []}).encode(), 400, "'query' is an empty list"),
     ("empty prompts", json.dumps({"query": ["a"], "prompts": []}).encode(), 400, "'prompts' is an empty list"),
     ("prompt count", json.dumps({"query": ["a", "b"], "prompts": ["a"]}).encode(), 400, "1 items for 2 queries"),
-    ("not a prefix", json.dumps({"query": ["ab", "cd"], "prompts": ["a", "x"]}).encode(), 400,
-     r"query 1 does not start with its prompt \(prompts\[1\]\)"),
     ("labels type", json.dumps({"query": ["a"], "labels": "x"}).encode(), 400, "'labels' must be a list"),
     ("deep nesting", b"[" * 20_000 + b"]" * 20_000, 400, "nested too deeply"),
     ("oversized", json.dumps({"query": ["x" * 100_000]}).encode(), 413, "over the server's limit"),

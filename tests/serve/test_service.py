@@ -88,8 +88,41 @@ def test_templated_queries_are_closed_and_cut_keeping_the_closing(scorer):
     assert len(s.ids) == 64 and s.ids[-len(enc.closing_ids):] == enc.closing_ids
     assert s.ids[: 64 - len(enc.closing_ids)] == whole[: 64 - len(enc.closing_ids)]
     assert enc.truncated == 1
-    with pytest.raises(RequestError, match=r"query 1 does not start with its prompt \(prompts\[1\]\)"):
-        enc.samples([prompt + "a", "b"], [prompt, prompt])
+
+
+def test_a_prompt_cut_from_the_left_is_scored_from_the_query_and_counted(scorer):
+    """OpenRLHF cuts a long prompt's first tokens but sends the whole prompt: never a 400."""
+    tok = scorer.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "sum a list of numbers fast"}], tokenize=False,
+                                     add_generation_prompt=True)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    cut_prompt = tok.decode(ids[3:])
+    assert not prompt.startswith(cut_prompt) and prompt.endswith(cut_prompt)
+    response = "def f(xs): return sum(xs)"
+    enc = QueryEncoder(tok, 4096, "templated")
+    (s,) = enc.samples([cut_prompt + response + tok.eos_token], [prompt])
+    assert s.ids == enc.encode(cut_prompt + response + enc.closing) and s.group_key is None
+    assert enc.prompt_mismatch == 1
+    # plain: the response is what follows the matched end of the prompt, rendered with the whole prompt
+    plain = QueryEncoder(tok, 4096, "plain")
+    user = "sum a list of numbers fast"
+    (p,) = plain.samples([user[5:] + response + tok.eos_token], [user])
+    assert p.ids == scorer.tokenize([conversation(user, response)])[0]
+    assert plain.prompt_mismatch == 1
+    # nothing in common: the whole query is the response
+    (q,) = plain.samples(["zzz"], [user])
+    assert q.ids == scorer.tokenize([conversation(user, "zzz")])[0] and plain.prompt_mismatch == 2
+    # the whole prompt does not fit max_length: the part in the query; then that part cut from the left
+    long_user = "word " * 40 + "end"
+    seen_ids = scorer.tokenize([conversation(long_user[-20:], response)])[0]
+    n = len(seen_ids) + 2
+    assert len(scorer.tokenize([conversation(long_user, response)])[0]) > n
+    small = QueryEncoder(tok, n, "plain")
+    (r,) = small.samples([long_user[-20:] + response], [long_user])
+    assert r.ids == seen_ids
+    (t,) = small.samples([long_user[-150:] + response], [long_user])
+    assert 0 < len(t.ids) <= n and tok.decode(t.ids).endswith(response + "<|im_end|>\n")
+    assert small.prompt_mismatch == 2
 
 
 def test_the_service_scores_with_the_one_scorer_it_is_given(scorer):

@@ -27,7 +27,7 @@ def token_pairs(n: int, seed: int = 0, vocab: int = 97, shared_answer: bool = Fa
         margin = rng.choice(margins) if margins else 0.0
         language = rng.choice(languages) if languages else "Python"
         out.append(SimpleNamespace(chosen_ids=c, rejected_ids=r, chosen_response_start=len(prompt),
-                                   aspect_index=aspect, margin=margin, language=language))
+                                   chosen_target_end=-1, aspect_index=aspect, margin=margin, language=language))
     return out
 
 

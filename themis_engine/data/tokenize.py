@@ -1,10 +1,10 @@
 """Preference pairs -> token ids, the way the Scorer computes them, cached on disk.
 
-`tokenize_pairs(pairs, tokenizer, max_length, system_prompts, criteria)` renders each side with
-the tokenizer's chat template exactly as `Scorer` does (text via
-`apply_chat_template(tokenize=False)`, then `tokenizer(text, add_special_tokens=False)`),
-truncates over-long answers from the right keeping the template's closing tokens, and caches the
-result on disk keyed by the data, the tokenizer and the settings.
+`tokenize_pairs(pairs, tokenizer, max_length, system_prompts, criteria)` turns each side into ids
+through the one chat path (themis_engine.chat.encode, as `Scorer` does): rendered with the
+tokenizer's chat template, over-long answers cut from the right keeping the template's closing
+tokens, the answer's span and LM targets found in token space; the result is cached on disk keyed
+by the data, the tokenizer and the settings.
 """
 
 from __future__ import annotations
@@ -20,25 +20,27 @@ from typing import Sequence
 
 import numpy as np
 
-from themis_engine.chat import answer_span, common_prefix, encode_many, fit_to_length, render
+from themis_engine import chat
 from themis_engine.data.schemas import Message, PreferencePair
 from themis_engine.errors import DataError
 from themis_engine.fileio import atomic_write
 
 logger = logging.getLogger("themis_engine")
 
-OVERFLOW_POLICIES = ("truncate", "skip", "error")
-_CACHE_VERSION = 1
+OVERFLOW_POLICIES = chat.OVERFLOW_POLICIES
+_CACHE_VERSION = 2  # 2: spans from the chat path (token-space probes), chosen_target_end
 
 
 @dataclass
 class TokenizedPair:
     """A pair as token ids: each side is the full templated standalone sequence
     (system + prompt + answer + the template's closing tokens). The packer shares their longest
-    common prefix. `chosen_response_start`: index in chosen_ids of the first token of the chosen
-    answer (of its last assistant message), the start of the LM-loss labels; likewise
-    `rejected_response_start`. `aspect_index`: the pair's criterion in the run's criteria, -1 if
-    none. `index`: the pair's position in the list given to tokenize_pairs."""
+    common prefix. `chosen_response_start`: index in chosen_ids of the first token the chat template
+    emits for the chosen answer (of its last assistant message; themis_engine.chat), the start of
+    the LM-loss labels; `chosen_target_end`: the end (exclusive) of those labels, the answer and the
+    end-of-turn token (chat.Encoded.targets); likewise `rejected_response_start`. `aspect_index`:
+    the pair's criterion in the run's criteria, -1 if none. `index`: the pair's position in the
+    list given to tokenize_pairs."""
 
     chosen_ids: list[int]
     rejected_ids: list[int]
@@ -49,6 +51,7 @@ class TokenizedPair:
     truncated: bool
     rejected_response_start: int = 0
     index: int = 0
+    chosen_target_end: int = -1  # -1: to the end of chosen_ids
 
 
 
@@ -66,18 +69,6 @@ def conversations(pair: PreferencePair, system: str | None = None) -> tuple[list
         return [{"role": "assistant", "content": a}] if isinstance(a, str) else [dict(m) for m in a]
 
     return base + answer(pair.chosen), base + answer(pair.rejected)
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def tokenize_pairs(
@@ -158,57 +149,38 @@ def tokenize_pairs(
 
 
 def _tokenize_chunk(pairs, idx, tokenizer, max_length, system_prompts, aspect_of, on_overflow, stats):
-    convs, texts, spans, whats = [], [], [], []
+    convs, whats = [], []
     for i in idx:
         pair = pairs[i]
         for side, conv in zip(("chosen", "rejected"), conversations(pair, system_prompts[i])):
-            text = render(tokenizer, conv)
             convs.append(conv)
-            texts.append(text)
-            spans.append(answer_span(tokenizer, conv, text))
             whats.append(f"{pair.source or f'pair {i}'} ({side})")
-    ids = encode_many(tokenizer, texts)
-    heads = encode_many(tokenizer, [t[:at] if at >= 0 else "" for t, at in zip(texts, spans)])
-    starts = [common_prefix(h, x) if at >= 0 else 0 for h, x, at in zip(heads, ids, spans)]
-    over = [k for k, x in enumerate(ids) if len(x) > max_length]
-    if over and on_overflow == "truncate":
-        tails = encode_many(
-            tokenizer,
-            [texts[k][spans[k] + len(convs[k][-1]["content"]):] if spans[k] >= 0 else "" for k in over],
-        )
-        for k, tail in zip(over, tails):
-            ids[k] = fit_to_length(ids[k], starts[k], tail if spans[k] >= 0 else [], max_length, whats[k], DataError)
-    elif over and on_overflow == "error":
-        k = over[0]
-        raise DataError(f"{whats[k]}: {len(ids[k])} tokens, over max_length={max_length}")
-    over_set = set(over)
+    encoded = chat.encode(tokenizer, convs, max_length, on_overflow, whats, DataError, spans=True)
 
     result = []
     for j, i in enumerate(idx):
-        c, r = 2 * j, 2 * j + 1
-        for k in (c, r):
-            if not ids[k]:
-                raise DataError(f"{whats[k]}: the chat template produced no tokens")
-        if on_overflow == "skip" and (c in over_set or r in over_set):
+        c, r = encoded[2 * j], encoded[2 * j + 1]
+        if c is None or r is None:  # on_overflow="skip"
             stats["skipped_overflow"] += 1
             continue
-        truncated = c in over_set or r in over_set
-        if ids[c] == ids[r]:  # cut to the same tokens (or given identical): no preference left
+        if c.ids == r.ids:  # cut to the same tokens (or given identical): no preference left
             stats["skipped_identical"] += 1
             continue
+        truncated = c.truncated or r.truncated
         stats["truncated"] += truncated
         pair = pairs[i]
         result.append(
             TokenizedPair(
-                chosen_ids=ids[c],
-                rejected_ids=ids[r],
-                chosen_response_start=starts[c],
+                chosen_ids=c.ids,
+                rejected_ids=r.ids,
+                chosen_response_start=c.answer_start,
                 aspect_index=aspect_of.get(pair.aspect, -1) if pair.aspect is not None else -1,
                 margin=float(pair.margin) if pair.margin is not None else 0.0,
                 language=pair.language,
                 truncated=truncated,
-                rejected_response_start=starts[r],
+                rejected_response_start=r.answer_start,
                 index=i,
+                chosen_target_end=c.target_end,
             )
         )
     return result
@@ -262,6 +234,7 @@ def _write_cache(path: Path, out: list[TokenizedPair], stats: dict) -> None:
         chosen_tokens=c_tok, chosen_offsets=c_off, rejected_tokens=r_tok, rejected_offsets=r_off,
         chosen_response_start=np.array([t.chosen_response_start for t in out], dtype=np.int64),
         rejected_response_start=np.array([t.rejected_response_start for t in out], dtype=np.int64),
+        chosen_target_end=np.array([t.chosen_target_end for t in out], dtype=np.int64),
         aspect_index=np.array([t.aspect_index for t in out], dtype=np.int64),
         margin=np.array([t.margin for t in out], dtype=np.float64),
         truncated=np.array([t.truncated for t in out], dtype=bool),
@@ -292,6 +265,7 @@ def _read_cache(path: Path) -> tuple[list[TokenizedPair], dict]:
             aspect_index=int(a["aspect_index"][i]), margin=float(a["margin"][i]),
             language=meta["languages"][i], truncated=bool(a["truncated"][i]),
             rejected_response_start=int(a["rejected_response_start"][i]), index=int(a["index"][i]),
+            chosen_target_end=int(a["chosen_target_end"][i]),
         )
         for i in range(n)
     ]

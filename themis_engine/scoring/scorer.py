@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Any, Sequence
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ logger = logging.getLogger("themis_engine")
 
 Message = dict[str, str]
 Conversation = list[Message]
-OVERFLOW_POLICIES = ("truncate", "skip", "error")
+OVERFLOW_POLICIES = chat.OVERFLOW_POLICIES
 
 
 @dataclass
@@ -37,6 +38,9 @@ class ScoreReport:
     micro_batches: int = 0
     tokens_computed: int = 0  # tokens in the packed streams (shared prefixes once)
     tokens_standalone: int = 0  # tokens if every sequence ran alone
+    # the ids each sequence was scored on, in the call's output row order (None: skipped), so that
+    # a user can check exactly what was scored (decode them with the tokenizer)
+    ids: list = field(default_factory=list, repr=False)
 
 
 class Scorer:
@@ -71,6 +75,9 @@ class Scorer:
         self.auto_budget = None  # budget.TokenBudget once measured (CUDA, no budget given)
         self.on_overflow = on_overflow
         self.last_report = ScoreReport()  # what the latest call did (also returned by return_report=True)
+        # how from_pretrained was called (its arguments as given), so that an adapter can load the same
+        # scorer again in another process (the TRL reward functions pickle as this recipe); None otherwise
+        self.load_kwargs: dict | None = None
 
     @classmethod
     def from_pretrained(
@@ -88,6 +95,9 @@ class Scorer:
         """Load the model (without an LM head) and the tokenizer files from a local folder.
         quantize="fp8": FP8 block weights (model/fp8.py); offload="layers": the blocks stay in host
         memory and stream to the device one at a time (model/offload.py)."""
+        load_kwargs = dict(path=os.fspath(path), device=device, dtype=dtype, max_length=max_length,
+                           max_tokens_per_batch=max_tokens_per_batch, on_overflow=on_overflow, tokenizer=tokenizer,
+                           quantize=quantize, offload=offload)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype is None and torch.device(device).type == "cuda":
@@ -102,7 +112,9 @@ class Scorer:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-        return cls(model, tokenizer, max_length, max_tokens_per_batch, on_overflow)
+        scorer = cls(model, tokenizer, max_length, max_tokens_per_batch, on_overflow)
+        scorer.load_kwargs = load_kwargs
+        return scorer
 
     @property
     def criteria(self) -> list[str]:
@@ -172,7 +184,7 @@ class Scorer:
                 if not seq:
                     raise InputError(f"group {i}, suffix {k}: empty sequence")
                 if len(seq) > self.max_length:
-                    seq = self._overflow(seq, None, f"group {i}, suffix {k}", counts)
+                    seq = self._overflow(seq, f"group {i}, suffix {k}", counts)
                 group.append(seq)
             groups.append(group)
         _, per_group, report = self._score_groups(groups, counts)
@@ -192,40 +204,39 @@ class Scorer:
         """The token ids `score` computes for each conversation: rendered with the tokenizer's chat
         template, encoded, and fitted to max_length per on_overflow (None: skipped; "error" raises).
         names: how errors call each conversation (default "conversation i")."""
+        return [None if e is None else e.ids for e in self.encode(conversations, names, spans=False)]
+
+    def encode(
+        self, conversations: Sequence[Conversation], names: Sequence[str] | None = None, spans: bool = True
+    ) -> list[chat.Encoded | None]:
+        """Like `tokenize`, with where the scored answer lies in the ids (chat.Encoded: answer_start,
+        closing_start, LM targets, the length before any cut); the one chat path (themis_engine.chat)."""
         convs = list(conversations)
         whats = list(names) if names is not None else [f"conversation {i}" for i in range(len(convs))]
         if len(whats) != len(convs):
             raise InputError(f"tokenize: {len(convs)} conversations but {len(whats)} names")
-        return self._tokenize_many(convs, whats, _OverflowCounts())
+        return chat.encode(self.tokenizer, convs, self.max_length, self.on_overflow, whats, InputError, spans)
 
     def _tokenize_many(
         self, convs: list[Conversation], whats: list[str], counts: _OverflowCounts
     ) -> list[list[int] | None]:
-        """Template and encode conversations (one batched tokenizer call); over max_length per
-        on_overflow (None = skipped), counted in `counts`."""
-        for conv, what in zip(convs, whats):
-            _check_conversation(conv, what)
-        texts = [chat.render(self.tokenizer, conv) for conv in convs]
-        out = []
-        for conv, text, ids, what in zip(convs, texts, chat.encode_many(self.tokenizer, texts), whats):
-            if not ids:
-                raise InputError(f"{what}: the chat template produced no tokens")
-            out.append(self._overflow(ids, (conv, text), what, counts) if len(ids) > self.max_length else ids)
-        return out
+        """Template and encode conversations through the chat path (one batched tokenizer call);
+        over max_length per on_overflow (None = skipped), counted in `counts`."""
+        encoded = chat.encode(self.tokenizer, convs, self.max_length, self.on_overflow, whats, InputError, spans=False)
+        for e in encoded:
+            counts.skipped += e is None
+            counts.truncated += e is not None and e.truncated
+        return [None if e is None else e.ids for e in encoded]
 
-    def _overflow(self, ids: list[int], templated, what: str, counts: "_OverflowCounts") -> list[int] | None:
+    def _overflow(self, ids: list[int], what: str, counts: "_OverflowCounts") -> list[int] | None:
+        """A pre-tokenized sequence over max_length (no template to keep: its first tokens stay)."""
         if self.on_overflow == "error":
             raise InputError(f"{what}: {len(ids)} tokens, over max_length={self.max_length}")
         if self.on_overflow == "skip":
             counts.skipped += 1
             return None
-        if templated is None:  # pre-tokenized: no template to keep
-            cut = chat.fit_to_length(ids, 0, [], self.max_length, what, InputError)
-        else:
-            conv, text = templated
-            cut = chat.truncate(self.tokenizer, conv, text, ids, self.max_length, what, InputError)
         counts.truncated += 1
-        return cut
+        return ids[: self.max_length]
 
     # ---------------------------------------------------------------- the packed forward
     def _score_groups(self, groups, counts: "_OverflowCounts") -> tuple[torch.Tensor, list[torch.Tensor], ScoreReport]:
@@ -244,7 +255,8 @@ class Scorer:
                 kept_groups.append([s for _, s in live])
                 kept_index.extend(r for r, _ in live)
             row += len(g)
-        report = ScoreReport(sequences=row, truncated=truncated, skipped=skipped)
+        report = ScoreReport(sequences=row, truncated=truncated, skipped=skipped,
+                             ids=[s for g in groups for s in g])
         if kept_groups:
             tokens, seq_offsets, group_offsets = packing.flatten_groups(kept_groups)
             token_budget = self._budget(seq_offsets, group_offsets)
@@ -307,19 +319,6 @@ def _rename_group(message: str, kept_groups, groups) -> str:
     kept_to_item = [i for i, g in enumerate(groups) if any(s is not None for s in g)]
     item = kept_to_item[int(m.group(1))]
     return f"item {item}: " + message[m.end():]
-
-
-def _check_conversation(conv: Any, what: str) -> None:
-    if not isinstance(conv, (list, tuple)) or not conv:
-        raise InputError(f"{what}: a conversation must be a non-empty list of messages")
-    for j, m in enumerate(conv):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise InputError(f"{what}, message {j}: each message needs a string 'role' and a string 'content'")
-    if conv[-1]["role"] != "assistant":
-        raise InputError(
-            f"{what}: the last message has role {conv[-1]['role']!r}; a scored conversation must end with "
-            "an assistant turn (the response to score)"
-        )
 
 
 def _per_item(value, n: int, name: str) -> list:

@@ -156,6 +156,7 @@ class RewardServer:
             "max_length": s.max_length,
             "max_tokens_per_batch": s.budget,
             "truncated": s.encoder.truncated,
+            "prompt_mismatch": s.encoder.prompt_mismatch,
             "stats": vars(s.stats),
         })
 

@@ -1,10 +1,22 @@
 """OpenRLHF queries (text) -> the token ids the server scores, one Sample per query.
 
-`templated` queries are already chat-templated text: pads are dropped, the end is made the RM
-template's end of an assistant turn, and the text is encoded as is. `plain` queries are split into
-prompt + response and rendered as a conversation by the chat module, exactly as Scorer.tokenize
-renders it. Over max_length both are cut from the right with the template's closing tokens kept
-(chat.fit_to_length / chat.truncate, the cut the Scorer makes).
+Two query formats, each saying what it scores:
+
+* `templated` (OpenRLHF's convention): the query is chat-templated text (the policy's prompt, as
+  OpenRLHF rendered it, + the response); it is scored as sent: pads dropped, the end made the
+  reward model's end of an assistant turn. Right when the policy's chat template is the reward
+  model's and the prompt was rendered the way the reward model was trained.
+* `plain`: `prompts` hold the user's text; the response is taken out of the query (what follows the
+  prompt, less a trailing EOS) and the conversation [system], user, assistant is rendered with the
+  reward model's OWN chat template through the chat path (themis_engine.chat): exactly the ids
+  `Scorer.score` computes for that conversation, i.e. what the model was trained on.
+
+A prompt that is not a prefix of its query (OpenRLHF cuts long prompts from the left but still
+sends the whole prompt) is never refused: the query's start is matched against the prompt's end,
+the response is what follows, and the query is scored on its own, never grouped (templated: the
+query as sent; plain: the whole prompt + that response where it fits max_length, else the prompt's
+part in the query, cut further from the left if need be), logged and counted (`prompt_mismatch`). Over max_length both
+formats cut the answer from the right and keep the closing tokens (chat.fit, the Scorer's cut).
 """
 
 from __future__ import annotations
@@ -35,13 +47,12 @@ class Sample:
 
 
 class QueryEncoder:
-    """Turns OpenRLHF queries (and prompts) into token ids the way Scorer renders conversations.
+    """Turns OpenRLHF queries (and prompts) into token ids (see the module docstring).
 
     max_length: the longest sequence in tokens (the scorer's own max_length). Not thread-safe (the
-    tokenizer's settings): the server calls it from one thread. `truncated` counts the queries cut.
+    tokenizer's settings): the server calls it from one thread. Counters: `truncated` (queries
+    cut to max_length), `prompt_mismatch` (queries that do not start with their whole prompt).
     """
-
-    _SENTINEL = "\x00themis-sentinel\x00"
 
     def __init__(self, tokenizer, max_length: int, query_format: str = "templated", system: str | None = None):
         if query_format not in ("templated", "plain"):
@@ -52,22 +63,18 @@ class QueryEncoder:
         self.system = system
         self.pad = tokenizer.pad_token or ""
         self.eos = tokenizer.eos_token or ""
-        self.closing = self._assistant_closing()
-        self.closing_ids = self.encode(self.closing) if self.closing else []
+        self.closing_ids = self._assistant_closing()
+        self.closing = tokenizer.decode(self.closing_ids) if self.closing_ids else self.eos
         self.truncated = 0
+        self.prompt_mismatch = 0
 
-    def _assistant_closing(self) -> str:
-        """What the chat template writes after an assistant message's content (ChatML: '<|im_end|>\\n')."""
+    def _assistant_closing(self) -> list[int]:
+        """The ids the chat template writes after an assistant turn (ChatML: <|im_end|> \\n)."""
         try:
-            text = chat.render(
-                self.tokenizer, [{"role": "user", "content": "u"}, {"role": "assistant", "content": self._SENTINEL}]
-            )
-            at = text.rfind(self._SENTINEL)
-            if at >= 0:
-                return text[at + len(self._SENTINEL):]
-        except Exception as err:  # a template that cannot render this: fall back on EOS
+            return chat.turn_closing(self.tokenizer)
+        except Exception as err:  # a template that cannot render a probe conversation: close with EOS
             logger.warning("chat template did not render a probe conversation (%s); closing with EOS", err)
-        return self.eos
+            return self.encode(self.eos) if self.eos else []
 
     def encode(self, text: str) -> list[int]:
         """Text -> ids, no special tokens added (the text already holds any BOS, as in Scorer)."""
@@ -77,41 +84,91 @@ class QueryEncoder:
         """One Sample per query; RequestError(400) or InputError names the query that cannot be scored."""
         if self.query_format == "plain" and prompts is None:
             raise RequestError(400, "query_format=plain needs 'prompts' (one per query) to split each query")
-        out = []
+        out: list[Sample | None] = []
+        plain: list[tuple[int, list[dict]]] = []
         for i, q in enumerate(query):
             q = self._strip_pads(q)
-            prompt = None
-            if prompts is not None:
-                prompt = self._strip_pads(prompts[i], right=False)
-                if not q.startswith(prompt):
-                    raise RequestError(400, f"query {i} does not start with its prompt (prompts[{i}])")
+            prompt = None if prompts is None else self._strip_pads(prompts[i], right=False)
+            at, whole = (0, False) if prompt is None else self._prompt_end(q, prompt)
+            if prompt is not None and not whole:
+                self.prompt_mismatch += 1
+                logger.warning("query %d does not start with its prompt (cut from the left by the client?): "
+                               "scored alone, the response taken after %d matching characters", i, at)
+            key = prompt if whole else None
             if self.query_format == "plain":
-                ids = self._plain_ids(prompt, q[len(prompt):], i)
+                response = q[at:]
+                if self.eos and response.endswith(self.eos):
+                    response = response[: -len(self.eos)]
+                if whole:
+                    plain.append((i, self._conversation(prompt, response)))
+                    out.append(Sample([], key))
+                else:
+                    out.append(Sample(self._mismatched_plain_ids(prompt, q[:at], response, i), None))
             else:
-                ids = self._templated_ids(self._close(q), prompt, i)
-            out.append(Sample(ids, prompt))
+                out.append(Sample(self._templated_ids(self._close(q), q[:at] if at else None, i), key))
+        if plain:
+            encoded = chat.encode(self.tokenizer, [c for _, c in plain], self.max_length, "truncate",
+                                  [f"query {i}" for i, _ in plain], InputError, spans=False)
+            for (i, _), e in zip(plain, encoded):
+                if e.truncated:
+                    self._count_cut(i, e.full_length)
+                out[i].ids = e.ids
         return out
+
+    def _conversation(self, user: str, response: str) -> list[dict]:
+        conv = [{"role": "system", "content": self.system}] if self.system is not None else []
+        return conv + [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
+
+    def _mismatched_plain_ids(self, prompt: str, seen: str, response: str, i: int) -> list[int]:
+        """A prompt the client cut from the left (plain format): the whole prompt + the response where
+        that fits max_length, else the prompt's part in the query (what the policy saw), else that part
+        cut further from the left until the prompt fits: a reward for every sample, never a refusal."""
+        what = f"query {i}"
+        for user in (prompt, seen):
+            try:
+                e = chat.encode(self.tokenizer, [self._conversation(user, response)], self.max_length, "truncate",
+                                [what], InputError, spans=False)[0]
+            except InputError:
+                continue
+            if e.truncated:
+                self._count_cut(i, e.full_length)
+            return e.ids
+        user_ids = self.encode(seen)
+        # the room the prompt has beside the template and the whole response (as the client cut it)
+        room = self.max_length - len(self.encode(chat.render(self.tokenizer, self._conversation("", response))))
+        for extra in (0, 8, 64):  # the decoded cut may merge into more tokens than counted
+            user = self.tokenizer.decode(user_ids[max(0, len(user_ids) - room + extra):]) if room > extra else ""
+            try:
+                e = chat.encode(self.tokenizer, [self._conversation(user, response)], self.max_length,
+                                "truncate", [what], InputError, spans=False)[0]
+            except InputError:
+                continue
+            self._count_cut(i, len(user_ids) + e.full_length)
+            return e.ids
+        raise InputError(f"{what}: the chat template alone is over max_length={self.max_length}")
+
+    @staticmethod
+    def _prompt_end(query: str, prompt: str) -> tuple[int, bool]:
+        """(where the response starts in the query, whether the query starts with the whole prompt).
+        Otherwise the longest end of the prompt the query starts with (a prompt cut from the left;
+        a character the cut split decodes as U+FFFD and is passed over)."""
+        if query.startswith(prompt):
+            return len(prompt), True
+        skip = len(query) - len(query.lstrip("\ufffd"))
+        return skip + _overlap(prompt, query[skip:]), False
 
     def _templated_ids(self, text: str, prompt: str | None, i: int) -> list[int]:
         ids = self._nonempty(self.encode(text), i)
         if len(ids) <= self.max_length:
             return ids
         # the answer starts after the prompt's tokens (where the prompt is known)
-        start = chat.common_prefix(self.encode(prompt), ids) if prompt is not None else 0
-        return self._count_cut(chat.fit_to_length(ids, start, self.closing_ids, self.max_length, f"query {i}",
-                                                  InputError), i, len(ids))
-
-    def _plain_ids(self, prompt: str, response: str, i: int) -> list[int]:
-        if self.eos and response.endswith(self.eos):
-            response = response[: -len(self.eos)]
-        conv = [{"role": "system", "content": self.system}] if self.system is not None else []
-        conv += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        text = chat.render(self.tokenizer, conv)
-        ids = self._nonempty(self.encode(text), i)
-        if len(ids) <= self.max_length:
-            return ids
-        return self._count_cut(chat.truncate(self.tokenizer, conv, text, ids, self.max_length, f"query {i}",
-                                             InputError), i, len(ids))
+        start = chat.common_prefix(self.encode(prompt), ids) if prompt else 0
+        n = len(self.closing_ids)
+        closing_start = len(ids) - n if n and ids[-n:] == self.closing_ids else len(ids)
+        cut = chat.fit(chat.Encoded(ids, min(start, closing_start), closing_start, len(ids)), self.max_length,
+                       f"query {i}", InputError)
+        self._count_cut(i, len(ids))
+        return cut.ids
 
     @staticmethod
     def _nonempty(ids: list[int], i: int) -> list[int]:
@@ -119,10 +176,9 @@ class QueryEncoder:
             raise RequestError(400, f"query {i}: no tokens to score")
         return ids
 
-    def _count_cut(self, ids: list[int], i: int, before: int) -> list[int]:
+    def _count_cut(self, i: int, before: int) -> None:
         self.truncated += 1
         logger.warning("query %d: %d tokens, cut to max_length=%d", i, before, self.max_length)
-        return ids
 
     def _strip_pads(self, text: str, right: bool = True) -> str:
         if not self.pad:
@@ -140,3 +196,21 @@ class QueryEncoder:
         if self.eos and self.closing.startswith(self.eos) and text.endswith(self.eos):
             return text + self.closing[len(self.eos):]
         return text + self.closing
+
+
+def _overlap(prompt: str, query: str) -> int:
+    """Length of the longest suffix of `prompt` that is a prefix of `query` (prefix function, linear)."""
+    n = min(len(prompt), len(query))
+    s = query[:n] + "\x00" + prompt[len(prompt) - n:]
+    fail = [0] * len(s)
+    for j in range(1, len(s)):
+        k = fail[j - 1]
+        while k and s[j] != s[k]:
+            k = fail[k - 1]
+        if s[j] == s[k]:
+            k += 1
+        fail[j] = k
+    k = fail[-1]
+    while k and not query.startswith(prompt[len(prompt) - k:]):  # only if the separator occurs in the text
+        k = fail[k - 1]
+    return k

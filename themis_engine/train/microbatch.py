@@ -65,9 +65,16 @@ def global_counts(pairs: Sequence, pair_ids: Sequence[int], num_heads: int, with
     for i in pair_ids:
         p = pairs[i]
         cells += int(pair_mask(p.aspect_index, num_heads).sum())
-        if with_lm:  # as _lm_targets: positions max(start-1, 0) .. L-2
-            lm += max(0, len(p.chosen_ids) - 1 - max(p.chosen_response_start - 1, 0))
+        if with_lm:  # as _lm_targets: positions max(start-1, 0) .. end-2
+            lm += max(0, lm_target_end(p) - 1 - max(p.chosen_response_start - 1, 0))
     return float(cells), float(lm)
+
+
+def lm_target_end(pair) -> int:
+    """End (exclusive) of the chosen side's LM targets: chosen_target_end (the answer and the
+    end-of-turn token, themis_engine.chat), or the whole sequence where it is -1."""
+    end = pair.chosen_target_end
+    return len(pair.chosen_ids) if end < 0 else min(end, len(pair.chosen_ids))
 
 
 def build_micro_batches(
@@ -99,7 +106,7 @@ def _lm_targets(b: packing.PackedBatch, pairs, ids, chosen_rows):
     rows, labels = [], []
     for i, end_row in zip(ids.tolist(), chosen_rows.tolist()):
         p = pairs[i]
-        L, start = len(p.chosen_ids), p.chosen_response_start
+        L, start = lm_target_end(p), p.chosen_response_start
         if start >= L:
             continue
         s = int(np.searchsorted(b.cu_seqlens, end_row, side="right")) - 1  # the chosen suffix's segment
