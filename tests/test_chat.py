@@ -193,3 +193,37 @@ def test_the_trainers_cut_keeps_the_prompt_and_names_the_pair(tok):
     assert t.chosen_ids == full[:254] + full[-2:]
     with pytest.raises(DataError, match=r"data.jsonl:7 \(chosen\): the prompt alone is"):
         D.tokenize_pairs([pair], tok, 40)
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_the_servers_conversation_format_scores_as_trained_from_a_templated_prompt(tok, scorer, thinking):
+    """OpenRLHF with --data.apply_chat_template and a Qwen3 policy: the prompt is the template's own
+    rendering with its generation prompt (with or without thinking). The conversation format scores
+    exactly Scorer.score of the conversation; the templated format scores the text as sent."""
+    from themis_engine.serve import QueryEncoder
+
+    histories = [
+        conv("")[:-1],
+        [{"role": "user", "content": "write f"}, {"role": "assistant", "content": "def f(): pass"},
+         {"role": "user", "content": "now faster"}],
+    ]
+    answers = [c[1] for c in CASES if c[1]]
+    enc = QueryEncoder(tok, scorer.max_length, "conversation")
+    for history in histories:
+        prompt = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=thinking)
+        queries = [prompt + a + tok.eos_token for a in answers]
+        got = [s.ids for s in enc.samples(queries, [prompt] * len(queries))]
+        want = [template_ids(tok, history + [{"role": "assistant", "content": a}]) for a in answers]
+        if thinking:
+            assert got == want
+        else:  # the policy's prompt holds the empty think block already: answers are scored after it
+            plain = [i for i, a in enumerate(answers) if "</think>" not in a]
+            assert [got[i] for i in plain] == [want[i] for i in plain]
+    # a raw user prompt is the user turn: Scorer.score's ids
+    (s,) = enc.samples([PROMPT + "x = 1"], [PROMPT])
+    assert s.ids == template_ids(tok, conv("x = 1", system=None))
+    # templated: the text as sent (what the policy wrote, without the template's empty think block)
+    prompt = tok.apply_chat_template(conv("")[:-1], tokenize=False, add_generation_prompt=True)
+    (t,) = QueryEncoder(tok, scorer.max_length, "templated").samples([prompt + "x = 1" + tok.eos_token], [prompt])
+    assert tok.decode(t.ids) == prompt + "x = 1<|im_end|>\n"

@@ -1,26 +1,31 @@
-"""An HTTP reward server for OpenRLHF's remote reward model (`--remote_rm_url http://HOST:PORT/get_reward`).
+"""An HTTP reward server for OpenRLHF's remote reward model (0.11: `--reward.remote_url http://HOST:PORT/get_reward`).
 
     pip install "themis-engine[serve]"
     python -m themis_engine.serve path/to/rm --port 5000 [--head Functional_Correctness]
 
 POST /get_reward   {"query": [str], "prompts": [str] (optional), "labels": [...] (optional, unused)}
                ->  {"rewards": [float], "scores": [float], "extra_logs": {criterion: [float]}}
-GET  /health       200 {"status": "ready", "criteria": [...], ...} once the model is loaded, else 503
+GET  /health       200 {"status": "ready", "criteria": [...], "truncated", "prompt_mismatch", ...} once
+                   the model is loaded, else 503
 
 `rewards` and `scores` are the `head` criterion's scores; `extra_logs` holds every criterion's, one
-value per query (OpenRLHF logs them). How the text becomes tokens (`--query_format`):
+value per query (OpenRLHF logs them). How the text becomes tokens (`--query_format`, encoder.py):
 
-* templated (default): what OpenRLHF sends with --apply_chat_template: each query is the chat-
-  templated prompt followed by the decoded response (possibly ending with EOS and pad tokens). Pad
-  tokens at either end are dropped, and the response's end is made the RM template's end of an
-  assistant turn (ChatML: a trailing "<|im_end|>" becomes "<|im_end|>\\n"), so the text scored is
-  exactly what the RM's chat template renders for that conversation when the policy uses the same
-  template family (Qwen policies with a Qwen3 RM). The text is tokenized as is; the score is read
-  at its last token. `prompts`, when given, must be a prefix of each query (else a 400 naming the
-  index); it groups the queries of one prompt so that the prompt is computed once.
-* plain: raw prompts (OpenRLHF without --apply_chat_template): `prompts` is required, each query is
-  split into prompt + response, and the pair is rendered by the RM's chat template as a user turn
-  and an assistant turn (with `--system` as a system message if given), like Scorer.score.
+* templated (default): each query is the chat-templated prompt followed by the decoded response
+  (possibly ending with EOS and pad tokens), scored as sent: pads dropped, the end made the RM
+  template's end of an assistant turn. What the policy saw and wrote; not always what the RM was
+  trained on (Qwen3's template renders an answer with an empty think block and rewrites newlines
+  and think blocks).
+* conversation (old name: plain): the response is taken out of the query and the conversation is
+  rendered by the RM's own chat template, exactly the ids `Scorer.score` computes for it, i.e. what
+  the RM was trained on. `prompts` are required: the user's text (OpenRLHF without
+  --data.apply_chat_template; `--system` adds a system message), or the prompt rendered by the RM's
+  own template family with its generation prompt (--data.apply_chat_template, a Qwen3 policy with a
+  Qwen3 RM).
+
+`prompts`, when given, group the queries of one prompt so that the prompt is computed once. A
+prompt that is not a prefix of its query (OpenRLHF cuts long prompts from the left and still sends
+them whole) is scored from the query, never refused, and counted in /health's `prompt_mismatch`.
 
 Requests are gathered by a dynamic batcher: they queue up while the model is busy, and once it is
 free it takes queued requests up to the token budget (`--max_tokens_per_batch`), waiting at most

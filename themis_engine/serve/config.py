@@ -26,10 +26,13 @@ class ServeConfig:
     max_batch_wait_ms: float = option(5.0, "how long an idle model waits for more requests to batch")
     max_request_bytes: int = option(32 * 2**20, "largest request body accepted (bigger: 413)")
     head: str = option("0", "the criterion (name or index) whose score goes in 'rewards' and 'scores'")
-    query_format: Literal["templated", "plain"] = option(
-        "templated", "templated: queries are chat-templated text; plain: raw prompt + response (needs prompts)"
+    query_format: Literal["templated", "conversation", "plain"] = option(
+        "templated", "templated: score the query text as sent; conversation (old name: plain): take the response "
+        "out of the query and render the conversation with the reward model's own chat template, as it was "
+        "trained (needs prompts: the user's text, or the prompt rendered by the same template)"
     )
-    system: Optional[str] = option(None, "query_format=plain: a system message put before each prompt")
+    system: Optional[str] = option(None, "query_format=conversation, prompts of user text: a system message "
+                                   "put before each prompt")
     device: Optional[str] = option(None, "cuda, cuda:1, cpu (default: cuda when available)")
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = option(
         None, "weights' dtype (default: bfloat16 on CUDA, float32 on CPU)"

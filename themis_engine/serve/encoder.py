@@ -4,12 +4,16 @@ Two query formats, each saying what it scores:
 
 * `templated` (OpenRLHF's convention): the query is chat-templated text (the policy's prompt, as
   OpenRLHF rendered it, + the response); it is scored as sent: pads dropped, the end made the
-  reward model's end of an assistant turn. Right when the policy's chat template is the reward
-  model's and the prompt was rendered the way the reward model was trained.
-* `plain`: `prompts` hold the user's text; the response is taken out of the query (what follows the
-  prompt, less a trailing EOS) and the conversation [system], user, assistant is rendered with the
-  reward model's OWN chat template through the chat path (themis_engine.chat): exactly the ids
-  `Scorer.score` computes for that conversation, i.e. what the model was trained on.
+  reward model's end of an assistant turn. What the policy saw and wrote, which is not always what
+  the reward model was trained on (Qwen3's template adds an empty think block before a plain answer
+  and rewrites leading newlines and think blocks; a policy's text has none of that).
+* `conversation` (`plain` is its old name): the response is taken out of the query (what follows
+  the prompt, less a trailing EOS) and the conversation is rendered by the reward model's OWN chat
+  template, exactly as `Scorer.score` renders it, i.e. what the model was trained on. `prompts` are
+  either the user's text (then [system], user, assistant are rendered through the chat path,
+  themis_engine.chat) or this same template's rendering of the conversation with its generation
+  prompt (OpenRLHF's --data.apply_chat_template with a policy of the reward model's family): then
+  the prompt is kept and the answer rendered after it as the template renders an answer.
 
 A prompt that is not a prefix of its query (OpenRLHF cuts long prompts from the left but still
 sends the whole prompt) is never refused: the query's start is matched against the prompt's end,
@@ -55,8 +59,9 @@ class QueryEncoder:
     """
 
     def __init__(self, tokenizer, max_length: int, query_format: str = "templated", system: str | None = None):
-        if query_format not in ("templated", "plain"):
-            raise ValueError(f"query_format must be 'templated' or 'plain', got {query_format!r}")
+        query_format = {"plain": "conversation"}.get(query_format, query_format)  # plain: the old name
+        if query_format not in ("templated", "conversation"):
+            raise ValueError(f"query_format must be 'templated' or 'conversation', got {query_format!r}")
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.query_format = query_format
@@ -82,10 +87,9 @@ class QueryEncoder:
 
     def samples(self, query: list[str], prompts: list[str] | None) -> list[Sample]:
         """One Sample per query; RequestError(400) or InputError names the query that cannot be scored."""
-        if self.query_format == "plain" and prompts is None:
-            raise RequestError(400, "query_format=plain needs 'prompts' (one per query) to split each query")
-        out: list[Sample | None] = []
-        plain: list[tuple[int, list[dict]]] = []
+        if self.query_format == "conversation" and prompts is None:
+            raise RequestError(400, "query_format=conversation needs 'prompts' (one per query) to split each query")
+        out: list[Sample] = []
         for i, q in enumerate(query):
             q = self._strip_pads(q)
             prompt = None if prompts is None else self._strip_pads(prompts[i], right=False)
@@ -95,56 +99,103 @@ class QueryEncoder:
                 logger.warning("query %d does not start with its prompt (cut from the left by the client?): "
                                "scored alone, the response taken after %d matching characters", i, at)
             key = prompt if whole else None
-            if self.query_format == "plain":
+            if self.query_format == "conversation":
                 response = q[at:]
                 if self.eos and response.endswith(self.eos):
                     response = response[: -len(self.eos)]
                 if whole:
-                    plain.append((i, self._conversation(prompt, response)))
-                    out.append(Sample([], key))
+                    ids = self._conversation_ids(prompt, response, f"query {i}")
                 else:
-                    out.append(Sample(self._mismatched_plain_ids(prompt, q[:at], response, i), None))
+                    ids = self._mismatched_conversation_ids(prompt, q[:at], response, i)
+                out.append(Sample(ids, key))
             else:
                 out.append(Sample(self._templated_ids(self._close(q), q[:at] if at else None, i), key))
-        if plain:
-            encoded = chat.encode(self.tokenizer, [c for _, c in plain], self.max_length, "truncate",
-                                  [f"query {i}" for i, _ in plain], InputError, spans=False)
-            for (i, _), e in zip(plain, encoded):
-                if e.truncated:
-                    self._count_cut(i, e.full_length)
-                out[i].ids = e.ids
         return out
 
     def _conversation(self, user: str, response: str) -> list[dict]:
         conv = [{"role": "system", "content": self.system}] if self.system is not None else []
         return conv + [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
 
-    def _mismatched_plain_ids(self, prompt: str, seen: str, response: str, i: int) -> list[int]:
-        """A prompt the client cut from the left (plain format): the whole prompt + the response where
-        that fits max_length, else the prompt's part in the query (what the policy saw), else that part
-        cut further from the left until the prompt fits: a reward for every sample, never a refusal."""
+    def _generation_prompt(self) -> tuple[str, str] | None:
+        """(the text the template adds for add_generation_prompt, a probe conversation's rendering up to
+        and including it), or None where the template does not render one as a plain suffix."""
+        if not hasattr(self, "_gen"):
+            self._gen = None
+            try:
+                user = [{"role": "user", "content": "u"}]
+                bare = self.tokenizer.apply_chat_template(user, tokenize=False)
+                gen = self.tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+                if gen.startswith(bare) and len(gen) > len(bare):
+                    self._gen = (gen[len(bare):], gen)
+            except Exception as err:  # noqa: BLE001 -- no generation prompt: prompts are read as user text
+                logger.warning("chat template did not render a generation prompt (%s)", err)
+        return self._gen
+
+    def _rendered_answer(self, prompt: str, response: str) -> tuple[str, str] | None:
+        """For a prompt that is this template's rendering of a conversation with its generation prompt
+        (the policy shares the reward model's template: OpenRLHF's --data.apply_chat_template):
+        (the prompt up to its generation prompt, the text the template renders for the answer from
+        there: e.g. Qwen3's empty think block, the content as it rewrites it, the closing tokens).
+        None for a prompt that is not such a rendering (raw user text)."""
+        gen = self._generation_prompt()
+        if gen is None:
+            return None
+        suffix, probe = gen
+        at = prompt.rfind(suffix)
+        if at < 0:
+            return None
+        probe_conv = [{"role": "user", "content": "u"}, {"role": "assistant", "content": response}]
+        full = chat.render(self.tokenizer, probe_conv)
+        if not full.startswith(probe):
+            return None
+        answer = full[len(probe):]
+        head, tail = prompt[: at + len(suffix)], prompt[at + len(suffix):]
+        # what the prompt holds after the generation prompt (Qwen3 without thinking: the empty think
+        # block) must be where the template's answer rendering starts, else this is not its rendering
+        if not answer.startswith(tail):
+            return None
+        return head, answer
+
+    def _conversation_ids(self, prompt: str, response: str, what: str) -> list[int]:
+        """The ids the reward model's own template gives the conversation (prompt, response), cut to
+        max_length as chat.fit cuts. A raw prompt is the user turn ([system], user, assistant: exactly
+        Scorer.score's ids); a prompt rendered by this template is taken as the rendered conversation."""
+        rendered = self._rendered_answer(prompt, response)
+        if rendered is None:
+            (e,) = chat.encode(self.tokenizer, [self._conversation(prompt, response)], self.max_length, "truncate",
+                               [what], InputError, spans=False)
+        else:
+            head, answer = rendered
+            ids = self.encode(head + answer)
+            if not ids:
+                raise RequestError(400, f"{what}: no tokens to score")
+            n = len(self.closing_ids)
+            closing_start = len(ids) - n if n and ids[-n:] == self.closing_ids else len(ids)
+            start = min(chat.common_prefix(self.encode(head), ids), closing_start)
+            e = chat.fit(chat.Encoded(ids, start, closing_start, len(ids)), self.max_length, what, InputError)
+        if e.truncated:
+            self._count_cut(what, e.full_length)
+        return e.ids
+
+    def _mismatched_conversation_ids(self, prompt: str, seen: str, response: str, i: int) -> list[int]:
+        """A prompt the client cut from the left: the whole prompt + the response where that fits
+        max_length, else the prompt's part in the query (what the policy saw), else that part cut
+        further from the left until the prompt fits: a reward for every sample, never a refusal."""
         what = f"query {i}"
         for user in (prompt, seen):
             try:
-                e = chat.encode(self.tokenizer, [self._conversation(user, response)], self.max_length, "truncate",
-                                [what], InputError, spans=False)[0]
+                return self._conversation_ids(user, response, what)
             except InputError:
                 continue
-            if e.truncated:
-                self._count_cut(i, e.full_length)
-            return e.ids
         user_ids = self.encode(seen)
         # the room the prompt has beside the template and the whole response (as the client cut it)
         room = self.max_length - len(self.encode(chat.render(self.tokenizer, self._conversation("", response))))
         for extra in (0, 8, 64):  # the decoded cut may merge into more tokens than counted
             user = self.tokenizer.decode(user_ids[max(0, len(user_ids) - room + extra):]) if room > extra else ""
             try:
-                e = chat.encode(self.tokenizer, [self._conversation(user, response)], self.max_length,
-                                "truncate", [what], InputError, spans=False)[0]
+                return self._conversation_ids(user, response, what)
             except InputError:
                 continue
-            self._count_cut(i, len(user_ids) + e.full_length)
-            return e.ids
         raise InputError(f"{what}: the chat template alone is over max_length={self.max_length}")
 
     @staticmethod
@@ -167,7 +218,7 @@ class QueryEncoder:
         closing_start = len(ids) - n if n and ids[-n:] == self.closing_ids else len(ids)
         cut = chat.fit(chat.Encoded(ids, min(start, closing_start), closing_start, len(ids)), self.max_length,
                        f"query {i}", InputError)
-        self._count_cut(i, len(ids))
+        self._count_cut(f"query {i}", len(ids))
         return cut.ids
 
     @staticmethod
@@ -176,9 +227,9 @@ class QueryEncoder:
             raise RequestError(400, f"query {i}: no tokens to score")
         return ids
 
-    def _count_cut(self, i: int, before: int) -> None:
+    def _count_cut(self, what: str, before: int) -> None:
         self.truncated += 1
-        logger.warning("query %d: %d tokens, cut to max_length=%d", i, before, self.max_length)
+        logger.warning("%s: %d tokens, cut to max_length=%d", what, before, self.max_length)
 
     def _strip_pads(self, text: str, right: bool = True) -> str:
         if not self.pad:
