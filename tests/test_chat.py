@@ -227,3 +227,33 @@ def test_the_servers_conversation_format_scores_as_trained_from_a_templated_prom
     prompt = tok.apply_chat_template(conv("")[:-1], tokenize=False, add_generation_prompt=True)
     (t,) = QueryEncoder(tok, scorer.max_length, "templated").samples([prompt + "x = 1" + tok.eos_token], [prompt])
     assert tok.decode(t.ids) == prompt + "x = 1<|im_end|>\n"
+
+
+def reference_spans(tok, conversation) -> tuple[int, int]:
+    """The definition, computed the long way: whole renderings with the probe answers, encoded whole."""
+    x = template_ids(tok, conversation)
+    starts, ends = [], []
+    for probe in ("a", "b"):
+        p = template_ids(tok, conversation[:-1] + [{"role": "assistant", "content": probe}])
+        if p == x:
+            continue
+        pre = chat.common_prefix(x, p)
+        suf = chat.common_suffix(x, p, min(len(x), len(p)) - pre)
+        starts.append(pre)
+        ends.append(len(x) - suf)
+    return min(starts), max(ends)
+
+
+def test_windowed_probes_equal_whole_renderings(tok):
+    """The probes are encoded only between added tokens; the spans equal the long way's on every case,
+    on random answers mixing special-token text, whitespace and the probes' letters."""
+    import random
+
+    rng = random.Random(3)
+    pieces = ["a", "b", "ab", " ", "\n", "\n\n", "\t", "\r\n", "<think>", "</think>", "<|im_end|>", "def", "ü", "😀",
+              "```", "x = 1", "  "]
+    answers = [c[1] for c in CASES] + ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+                                       for _ in range(60)]
+    convs = [conv(a, system=rng.choice([None, SYSTEM])) for a in answers]
+    for e, c in zip(chat.encode(tok, convs), convs):
+        assert (e.answer_start, e.closing_start) == reference_spans(tok, c), c[-1]["content"]

@@ -149,8 +149,9 @@ def encode(
     if over and on_overflow == "error":
         k = over[0]
         raise error(f"{whats[k]}: {len(ids[k])} tokens, over max_length={max_length}")
-    need = range(len(convs)) if spans else (over if on_overflow == "truncate" else [])
-    found = _spans(tokenizer, [convs[k] for k in need], [ids[k] for k in need], [whats[k] for k in need], error)
+    need = list(range(len(convs))) if spans else (over if on_overflow == "truncate" else [])
+    found = _spans(tokenizer, [convs[k] for k in need], [texts[k] for k in need], [ids[k] for k in need],
+                   [whats[k] for k in need], error)
     span_of = dict(zip(need, found))
     out: list[Encoded | None] = []
     for k, x in enumerate(ids):
@@ -212,34 +213,116 @@ def _render(tokenizer, conv, what: str, error) -> str:
         raise error(f"{what}: the chat template could not render it ({type(err).__name__}: {err})") from None
 
 
-def _spans(tokenizer, convs, ids, whats, error) -> list[tuple[int, int]]:
+def _spans(tokenizer, convs, texts, ids, whats, error) -> list[tuple[int, int]]:
     """(answer_start, closing_start) of each conversation, from its rendering with probe answers.
-    Conversations that differ only in the last content share their probes (one per prompt)."""
+
+    The probes are rendered once per prompt (conversations that differ only in the last content share
+    them) and, with a fast tokenizer, encoded only in a window: from just after the last added token
+    (<|im_start|>, <think>, ...) before the place where the texts part, to just before the first added
+    token after the place where they join again. Added tokens are split out before any other
+    tokenization, so outside that window the two encodings are the same tokens, and the window alone
+    gives the common token prefix and suffix that encoding whole renderings would: the prompt is not
+    encoded again."""
     keys, probe_convs = [], {}
     for conv in convs:
         key = _prompt_key(conv)
         keys.append(key)
         if key not in probe_convs:
             probe_convs[key] = [conv[:-1] + [dict(conv[-1], content=p)] for p in _PROBES]
-    order = list(probe_convs)
-    texts = [_render(tokenizer, c, "probe", error) for key in order for c in probe_convs[key]]
-    flat = encode_many(tokenizer, texts)
-    probes = {key: flat[len(_PROBES) * j: len(_PROBES) * (j + 1)] for j, key in enumerate(order)}
-    out = []
-    for x, key, what in zip(ids, keys, whats):
-        starts, ends = [], []
-        for p in probes[key]:
-            if p == x:  # the answer is the probe itself: that probe says nothing
+    probe_texts = {key: [_render(tokenizer, c, "probe", error) for c in pcs] for key, pcs in probe_convs.items()}
+    offsets = _offsets(tokenizer, texts, ids)
+    added = _added_ids(tokenizer) if offsets is not None else set()
+    # one window (or whole text) per (conversation, probe): all encoded in one batched call
+    plans, windows = [], []
+    for k, (text, x, key) in enumerate(zip(texts, ids, keys)):
+        for probe in probe_texts[key]:
+            if probe == text:  # the answer is the probe itself: that probe says nothing
+                plans.append(None)
                 continue
-            pre = common_prefix(x, p)
-            suf = common_suffix(x, p, min(len(x), len(p)) - pre)
-            starts.append(pre)
-            ends.append(len(x) - suf)
+            if offsets is None:
+                plans.append((0, len(x)))
+                windows.append(probe)
+                continue
+            lo, hi, w, e = _window(text, probe, x, offsets[k], added)
+            plans.append((lo, hi))
+            windows.append(probe[w: len(probe) - (len(text) - e)])
+    encoded = iter(encode_many(tokenizer, windows))
+    out = []
+    for j, (x, what) in enumerate(zip(ids, whats)):
+        starts, ends = [], []
+        for plan in plans[len(_PROBES) * j: len(_PROBES) * (j + 1)]:
+            if plan is None:
+                continue
+            lo, hi = plan
+            p, mine = next(encoded), x[lo:hi]
+            pre = common_prefix(mine, p)
+            suf = common_suffix(mine, p, min(len(mine), len(p)) - pre)
+            starts.append(lo + pre)
+            ends.append(hi - suf)
         if not starts:
             raise error(f"{what}: the chat template renders the same tokens for any answer; it does not "
                         "show the last message's content")
         out.append((min(starts), max(ends)))
     return out
+
+
+def _offsets(tokenizer, texts, ids):
+    """Each text's token character offsets (a fast tokenizer's offset mapping), checked to be the same
+    ids as `ids`; None where the tokenizer gives none."""
+    if not texts or not getattr(tokenizer, "is_fast", False):
+        return None
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    if [list(x) for x in enc["input_ids"]] != ids:
+        return None
+    return enc["offset_mapping"]
+
+
+def _added_ids(tokenizer) -> set[int]:
+    """Ids of the tokens the tokenizer splits out of the text before anything else (added tokens)."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return set(int(i) for i in decoder)
+
+
+def _window(text: str, probe: str, ids, offsets, added: set[int]) -> tuple[int, int, int, int]:
+    """(first token, end token) of the window in `ids` and its (start, end) characters in `text`."""
+    c = _common_text_prefix(text, probe)
+    s = _common_text_suffix(text, probe, min(len(text), len(probe)) - c)
+    lo, w = 0, 0
+    for t in range(len(ids)):
+        if offsets[t][1] > c:
+            break
+        if ids[t] in added:
+            lo, w = t + 1, offsets[t][1]
+    hi, e = len(ids), len(text)
+    for t in range(len(ids) - 1, lo - 1, -1):
+        if offsets[t][0] < len(text) - s:
+            break
+        if ids[t] in added:
+            hi, e = t, offsets[t][0]
+    return lo, hi, w, e
+
+
+def _common_text_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix of two strings (binary search on C-level comparisons)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _common_text_suffix(a: str, b: str, limit: int) -> int:
+    lo, hi = 0, max(0, limit)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid:] == b[len(b) - mid:]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _prompt_key(conv) -> str:
