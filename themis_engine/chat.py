@@ -18,11 +18,14 @@ conversation is rendered again with two probe answers ("a", "b") in place of the
   closing tokens (ChatML: `<|im_end|>` `\\n`), the same for every answer.
 
 So `ids[answer_start:closing_start]` are exactly the tokens the template emits for the answer. For
-an answer the template rewrites, these are the rewritten tokens (e.g. Qwen3's `plan\\n</think>\\n\\ncode`
+an answer the template rewrites, these are the rewritten tokens (e.g. Qwen3's `\\nplan\\n</think>\\n\\ncode`
 for the content `<think>plan</think>code`), and text the template emits for every answer is not
-part of it (Qwen3's `<think>\\n` opening, or the empty `<think>\\n\\n</think>\\n\\n` it adds to a
-plain answer). Where a token of the template's text merges with the answer's first or last
-characters, that token counts as the answer's. An empty answer has an empty span.
+part of it (Qwen3's `<think>` opening, or the empty `<think>\\n\\n</think>\\n\\n` it adds to a plain
+answer). Where a token of the template's text merges with the answer's first or last characters
+(Qwen3's `\\n` after `<think>`, which is one `\\n\\n` token in the empty think block), that token
+counts as the answer's. An empty answer (or a blank one the template renders as the empty one)
+has an empty span. A template that writes nothing after the answer (GLM-4 MoE) has no closing
+tokens, and then no end-of-turn target.
 
 The over-length cut (`on_overflow="truncate"`): the last turn's answer is cut from the right in
 token space and the closing tokens are kept, `ids[:max_length - n_closing] + ids[closing_start:]`
@@ -247,6 +250,9 @@ def _spans(tokenizer, convs, texts, ids, whats, error) -> list[tuple[int, int]]:
             plans.append((lo, hi))
             windows.append(probe[w: len(probe) - (len(text) - e)])
     encoded = iter(encode_many(tokenizer, windows))
+    blank = [not conv[-1]["content"].strip() and (conv[-1]["content"] == "" or _render(
+        tokenizer, conv[:-1] + [dict(conv[-1], content="")], "probe", error) == text)
+        for conv, text in zip(convs, texts)]
     out = []
     for j, (x, what) in enumerate(zip(ids, whats)):
         starts, ends = [], []
@@ -262,7 +268,10 @@ def _spans(tokenizer, convs, texts, ids, whats, error) -> list[tuple[int, int]]:
         if not starts:
             raise error(f"{what}: the chat template renders the same tokens for any answer; it does not "
                         "show the last message's content")
-        out.append((min(starts), max(ends)))
+        start, end = min(starts), max(ends)
+        if blank[j]:  # renders as the empty answer does: no answer tokens (a whitespace token the template
+            start = end  # writes before the answer may merge differently before a probe's letter)
+        out.append((start, end))
     return out
 
 
