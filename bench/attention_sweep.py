@@ -6,12 +6,12 @@ that one GPU call gives the data to choose `attention_kernel.default_blocks`.
                                                        # shared memory, registers and spills (prefilter)
     python bench/attention_sweep.py --cpu --head-dim 32  # smoke: two candidates, tiny sizes, Triton interpreter
 
-Workloads (bench/kernels.py's): dense causal, 4 segments of 4096 tokens; prefix-shared, 16384
+Workloads (bench/kernel_ops.py's): dense causal, 4 segments of 4096 tokens; prefix-shared, 16384
 tokens in groups of a 2048-token prefix + 2 suffixes of 1024..2048. Hq=32, Hkv=8, D=128, bf16.
 Each candidate is checked against the default's output and gradients on the same inputs (max
 |diff| / max |default|; a candidate over 2e-2 is marked WRONG) and timed with the bench harness
 (bench/_harness.py: CUDA events after an L2 flush, median). TFLOP/s count the visible (query, key)
-pairs only (forward 4*D*Hq*pairs, forward+backward 3.5x that), as bench/kernels.py does.
+pairs only (forward 4*D*Hq*pairs, forward+backward 3.5x that), as bench/kernel_ops.py does.
 Options go through themis_engine.config (`--key value`, a flag alone for true; --help lists them).
 """
 
@@ -50,7 +50,7 @@ class SweepConfig:
 
 
 def _bench_kernels():
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernel_ops.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # its dataclasses look their module up
     spec.loader.exec_module(mod)

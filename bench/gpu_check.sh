@@ -17,7 +17,7 @@
 #                     (attention; RMSNorm / RoPE / SwiGLU; BT loss, linear CE, the convergence run; the
 #                     rest, less the slow no-GPU sm_90 compile check), then `tests -m gpu` outside
 #                     tests/kernels. 32 kernel tests took 159 s serially.
-#   kernels  140/150  bench/kernels.py (its own budget: 130 s): every kernel vs eager / SDPA / FlexAttention
+#   kernels  140/150  bench/kernel_ops.py (its own budget: 130 s): every kernel vs eager / SDPA / FlexAttention
 #   tp06      45/90   scoring, qwen3-0.6b, engine vs transformers (about 40 s before)
 #   tp8       70/120  scoring, qwen3-8b, engine vs transformers (about 60 s before)
 #   cuda      60/120  the CUDA scoring kernels (csrc/cuda): build with nvcc, each vs its Triton/PyTorch path
@@ -100,7 +100,7 @@ run_tests() {
 for s in $STEPS; do
   case $s in
     tests)   run_tests ;;
-    kernels) step kernels 140 150 python3 bench/kernels.py --json "$LOGS/kernels.json" ;;
+    kernels) step kernels 140 150 python3 bench/kernel_ops.py --json "$LOGS/kernels.json" ;;
     tp06)    step tp06 45 90 python3 bench/throughput.py --model qwen3-0.6b --pairs 256 --json "$LOGS/tp06.json"
              # if a kernel fails on the card, still measure the engine on the references
              grep -q "^| themis_engine" "$LOGS/tp06.log" 2>/dev/null || THEMIS_KERNELS=reference step tp06ref 45 90 \

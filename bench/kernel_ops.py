@@ -1,7 +1,7 @@
 """Per-kernel benchmarks: every Triton kernel against its eager PyTorch reference, side by side, in one run.
 
-    python bench/kernels.py --json out.json      # on a GPU (the --quick sizes; well under 2.5 minutes)
-    python bench/kernels.py --cpu                # smoke mode: every code path at tiny sizes on the CPU
+    python bench/kernel_ops.py --json out.json      # on a GPU (the --quick sizes; well under 2.5 minutes)
+    python bench/kernel_ops.py --cpu                # smoke mode: every code path at tiny sizes on the CPU
                                                  # (Triton kernels under TRITON_INTERPRET=1)
 
 What is measured (GPU; bf16 unless said; the kernels are called from their modules, the baselines are
@@ -49,7 +49,7 @@ only checks that every path runs (FlexAttention runs eager and forward-only ther
 backward).
 
 Options go through themis_engine.config (`--key value`, `--key=value`, a flag alone for true,
-`--config FILE.yaml`); `python bench/kernels.py --help` lists them.
+`--config FILE.yaml`); `python bench/kernel_ops.py --help` lists them.
 """
 
 import contextlib
@@ -78,7 +78,7 @@ import _harness as harness  # noqa: E402
 
 from themis_engine.config import ConfigError, option  # noqa: E402
 
-PROG = "python bench/kernels.py"
+PROG = "python bench/kernel_ops.py"
 SECTIONS = ("copy", "attention", "bt_loss", "blocks", "linear_ce")
 
 
@@ -852,7 +852,7 @@ def environment(device: torch.device, argv) -> dict:
     """The harness's environment header, plus which implementation each op dispatches to here."""
     from themis_engine import kernels
 
-    env = harness.environment(device, "kernels.py", argv)
+    env = harness.environment(device, "kernel_ops.py", argv)
     probe = torch.empty(1, device=device)
     env["dispatch"] = {op: kernels.backend_for(op, probe) for op in kernels.KERNEL_MODULES}
     return env

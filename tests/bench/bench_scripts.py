@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ("throughput", "kernels", "large_models", "attention_sweep")
+SCRIPTS = ("throughput", "kernel_ops", "large_models", "attention_sweep")
 
 
 def load(name: str):

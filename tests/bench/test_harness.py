@@ -105,7 +105,7 @@ def test_every_documented_command_line_parses():
     for name in SCRIPTS:
         found += _commands(load(name).__doc__, "python")
     scripts = {s for s, _ in found}
-    assert {"throughput", "kernels", "large_models", "attention_sweep"} <= scripts, scripts
+    assert {"throughput", "kernel_ops", "large_models", "attention_sweep"} <= scripts, scripts
     assert any("--max-tokens-per-batch" in a and "auto" in a for _, a in found)
     for script, argv in found:
         if "--help" not in argv:
@@ -149,7 +149,7 @@ def test_throughput_bad_options_exit_with_the_reason(argv, message, capsys):
 
 
 def test_other_scripts_flags_as_typed(capsys):
-    k = load("kernels")
+    k = load("kernel_ops")
     cfg = k.parse_args(["--cpu", "--only", "bt_loss,blocks", "--no-flex", "--budget-s", "20"])
     assert cfg.cpu and cfg.only == ["bt_loss", "blocks"] and cfg.no_flex and cfg.budget_s == 20.0
     assert (cfg.repeat_ms, cfg.min_reps, cfg.max_reps) == (0.0, 1, 1)  # the --cpu repetition defaults
@@ -174,7 +174,7 @@ def test_other_scripts_flags_as_typed(capsys):
 
 @pytest.mark.parametrize("script, fields", [
     ("throughput", ("--mode", "--max_tokens_per_batch", "--skip_baseline", "--hf_micro_pairs", "--tie")),
-    ("kernels", ("--cpu", "--only", "--budget_s", "--no_flex")),
+    ("kernel_ops", ("--cpu", "--only", "--budget_s", "--no_flex")),
     ("large_models", ("--streaming_only", "--stream_budget", "--fast_accum")),
     ("attention_sweep", ("--head_dim", "--static", "--arch")),
 ])

@@ -1,4 +1,4 @@
-"""bench/kernels.py's CPU smoke mode: every benchmark path (kernels under the Triton interpreter, the
+"""bench/kernel_ops.py's CPU smoke mode: every benchmark path (kernels under the Triton interpreter, the
 references, SDPA, FlexAttention's block mask and eager forward) runs at tiny sizes and agrees with
 the references, and the tables and the JSON come out."""
 
@@ -13,9 +13,9 @@ from bench_scripts import load
 
 @pytest.mark.slow  # ~15 s on 2 CPU cores
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke mode needs the Triton interpreter; "
-                    "on a GPU run bench/kernels.py itself")
+                    "on a GPU run bench/kernel_ops.py itself")
 def test_kernels_bench_cpu_smoke(tmp_path, capsys):
-    mod = load("kernels")
+    mod = load("kernel_ops")
     out_json = tmp_path / "kernels.json"
     res = mod.main(["--cpu", "--json", str(out_json)])
     text = capsys.readouterr().out
@@ -47,7 +47,7 @@ def test_kernels_bench_cpu_smoke(tmp_path, capsys):
 
 def test_visible_pairs_counts_the_mask():
     """The FLOP count's visible (query, key) pairs equal the number of ones of the reference mask."""
-    mod = load("kernels")
+    mod = load("kernel_ops")
     for segs in (mod.prefix_workload(97, 20, (5, 17), 3, seed=1), mod.prefix_workload(50, 9, (2, 6), 2),
                  mod.dense_workload(3, 11)):
         T = segs[-1][0] + segs[-1][1]
