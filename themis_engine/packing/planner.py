@@ -194,7 +194,9 @@ def flatten_groups(groups: Sequence[Sequence[Sequence[int]]]) -> tuple[np.ndarra
     np.cumsum(lengths, out=seq_offsets[1:])
     group_offsets = np.zeros(len(groups) + 1, dtype=np.int64)
     np.cumsum([len(g) for g in groups], out=group_offsets[1:])
-    tokens = np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=int(seq_offsets[-1]))
+    if not seqs:
+        return np.zeros(0, dtype=np.int64), seq_offsets, group_offsets
+    tokens = np.concatenate([np.asarray(s, dtype=np.int64).reshape(-1) for s in seqs])  # lists or arrays
     return tokens, seq_offsets, group_offsets
 
 
