@@ -8,24 +8,31 @@ carries its help text (`option(default, "help")`), which `--help` prints. From t
     --preset NAME               a built-in mapping (applied before --config and the overrides)
     --section.key=value         override one field (also `--section.key value`); a top-level field
     --key=value / --some-flag   is `--key`, with dashes or underscores; a bool flag alone means true
+    --debug                     on an error, also print the Python traceback (or THEMIS_DEBUG=1)
 
 Values are converted to the field's type (int, float, bool, str, Optional[...], list/tuple of
-those, Literal[...] choices); an unknown key, a bad value or a choice not allowed is an error that
-names the key.
+those, Literal[...] choices; a list or mapping is YAML flow or JSON text, `{chosen: better}`); an
+unknown key, a bad value or a choice not allowed is an error that names the key. A config's
+`check()` method (where it has one) checks the values together (ranges, sizes that must divide).
+
+The entry points run through `run_cli`: a user error (any themis_engine.errors.ThemisError, an
+OSError) is one line on stderr, `PROG: error: ...`, and exit status 2, with no traceback unless
+`--debug` is given or THEMIS_DEBUG=1; anything else (a bug) keeps its traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args, get_origin
+from typing import Any, Callable, Literal, Sequence, get_args, get_origin
 
-from themis_engine.errors import ConfigError
+from themis_engine.errors import ConfigError, ThemisError
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, positional: bool = False, factory=None):
@@ -80,7 +87,12 @@ def convert(value: Any, tp: Any, key: str) -> Any:
         (inner, *_) = get_args(tp) or (Any,)
         if isinstance(value, str):
             text = value.strip()
-            items = json.loads(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+            if text.startswith("["):
+                items = parse_flow(text, key, "a list such as [a, b] (or a, b)")
+                if not isinstance(items, list):
+                    raise ConfigError(f"{key}: expected a list such as [a, b], got {value!r}")
+            else:
+                items = [v for v in text.split(",") if v.strip()]
         elif isinstance(value, (list, tuple)):
             items = list(value)
         else:
@@ -89,7 +101,7 @@ def convert(value: Any, tp: Any, key: str) -> Any:
         return tuple(out) if origin is tuple or tp is tuple else out
     if origin is dict or tp is dict:
         if isinstance(value, str):
-            value = json.loads(value)
+            value = parse_flow(value, key, "a mapping such as {a: 1, b: 2}") if value.strip() else {}
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
@@ -122,6 +134,46 @@ def convert(value: Any, tp: Any, key: str) -> Any:
     if isinstance(tp, type):
         return tp(value)
     return value
+
+
+def parse_flow(text: str, key: str, expected: str) -> Any:
+    """A command-line list or mapping: YAML flow (`{chosen: better, rejected: worse}`, `[0.9, 0.95]`)
+    or JSON (a subset of YAML). ConfigError names `key`, what was expected and where the text fails."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at character {mark.index + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{key}: cannot read {text!r}{at} ({problem}); expected {expected}") from None
+
+
+# ------------------------------------------------------------------------------------------ checks
+def check_number(key: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+    """ConfigError naming `key` and `value` unless value is a finite number in the range
+    (low_open / high_open: the bound itself is excluded)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if integer and ok:
+        ok = float(value).is_integer()
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if ok:
+        return
+    kind = "a whole number" if integer else "a finite number"
+    if low is not None and high is not None:
+        expected = (f"{kind} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+    elif low is not None:
+        expected = f"{kind} {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        expected = f"{kind} {'<' if high_open else '<='} {high:g}"
+    else:
+        expected = kind
+    raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
 
 # ------------------------------------------------------------------------------------------ merge
@@ -160,17 +212,38 @@ def to_dict(cfg: Any) -> dict:
 
 
 def load_file(path: str | Path) -> dict:
+    """A YAML (or .json) config file as a mapping; ConfigError names the file, line and column."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}, line {line} (byte {err.start}): not UTF-8 text ({err.reason})") from None
     if path.suffix == ".json":
-        return json.loads(text)
-    import yaml
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not a config (nested too deeply)") from None
+    else:
+        import yaml
 
-    data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = " ".join(filter(None, (getattr(err, "context", None), getattr(err, "problem", None))))
+            raise ConfigError(f"{path}{where}: not valid YAML ({problem or str(err).splitlines()[0]})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not a config (nested too deeply)") from None
+        data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     return data
 
 
@@ -198,7 +271,7 @@ def _type_name(tp) -> str:
 
 
 def help_text(cls, prog: str, description: str = "", presets: dict | None = None) -> str:
-    lines = [f"usage: {prog} [--config FILE.yaml] [--preset NAME] [--section.key=value ...]", ""]
+    lines = [f"usage: {prog} [--config FILE.yaml] [--preset NAME] [--section.key=value ...] [--debug]", ""]
     if description:
         lines += [description.strip(), ""]
     if presets:
@@ -212,6 +285,8 @@ def help_text(cls, prog: str, description: str = "", presets: dict | None = None
         lines.append(f"  {flag} ({_type_name(tp)}, default {value!r})")
         if f.metadata.get("help"):
             lines.append(f"      {f.metadata['help']}")
+    lines.append("  --debug")
+    lines.append("      on an error, also print the Python traceback (or set THEMIS_DEBUG=1)")
     return "\n".join(lines)
 
 
@@ -235,6 +310,9 @@ def parse_args(
     i = 0
     while i < len(argv):
         arg = argv[i]
+        if arg == "--debug":  # read by run_cli
+            i += 1
+            continue
         if not arg.startswith("--"):
             given_positional.append(arg)
             i += 1
@@ -309,6 +387,10 @@ ENVIRONMENT: dict[str, EnvironmentVariable] = {
     "THEMIS_NO_EXT": EnvironmentVariable(
         "", ("", "0", "1", "true", "false", "yes", "no", "on", "off"),
         "at install time: 1 builds without the C++ packing planner"),
+    "THEMIS_DEBUG": EnvironmentVariable(
+        "", ("", "0", "1", "true", "false", "yes", "no", "on", "off"),
+        "1: the command-line entry points (train, eval, serve) print the Python traceback of a user error "
+        "too, as --debug does (by default it is one line naming the file, row and key, exit status 2)"),
 }
 
 
@@ -324,6 +406,41 @@ def environ(name: str) -> str:
         shown = ", ".join(repr(c) if c == "" else c for c in var.choices)
         raise ConfigError(f"environment variable {name}={value!r}: must be one of {shown}")
     return value
+
+
+# ------------------------------------------------------------------------------------------ the user-error path
+TRUE_WORDS = ("1", "true", "yes", "on")
+# what a user can fix: themis_engine's own errors (each names the file, row, key or option) and the
+# operating system's (a file that is not there or not readable; the message names it)
+USER_ERRORS: tuple[type[BaseException], ...] = (ThemisError, OSError)
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (a multi-line message's lines joined by ' | ')."""
+    text = " | ".join(part.strip() for part in str(err).splitlines() if part.strip())
+    return text or type(err).__name__
+
+
+def run_cli(prog: str, body: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run an entry point's `body(argv)` (argv without `--debug`) and return its exit status.
+
+    A user error (USER_ERRORS) is one line on stderr, `PROG: error: MESSAGE`, and status 2; with
+    `--debug` in argv or THEMIS_DEBUG=1 its traceback is printed before that line. Any other
+    exception (a bug) propagates with its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        debug = debug or environ("THEMIS_DEBUG") in TRUE_WORDS
+        status = body(argv)
+    except USER_ERRORS as err:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
+        return 2
+    return 0 if status is None else int(status)
 
 
 # Before the domain packages, `themis_engine.config` held the model's shapes and families (now

@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from themis_engine.data.tables import read_rows
-from themis_engine.errors import DataError
+from themis_engine.data.tables import is_saved_dataset, read_rows
+from themis_engine.errors import ConfigError, DataError
 
 logger = logging.getLogger("themis_engine")
 
@@ -133,20 +133,21 @@ def load_pairs(
     Returns (pairs, report); no pair left is an error.
     """
     if schema != "auto" and schema not in SCHEMAS:
-        raise ValueError(f"schema must be 'auto' or one of {SCHEMAS}, got {schema!r}")
+        raise ConfigError(f"data.schema: expected 'auto' or one of {', '.join(SCHEMAS)}, got {schema!r}")
     if on_bad_row not in BAD_ROW_POLICIES:
-        raise ValueError(f"on_bad_row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
+        raise ConfigError(f"data.on_bad_row: expected one of {', '.join(BAD_ROW_POLICIES)}, got {on_bad_row!r}")
     columns = dict(columns or {})
-    unknown = [k for k in columns if k not in CANONICAL_COLUMNS]
-    if unknown:
-        raise ValueError(f"columns: unknown name(s) {unknown}; the names are {', '.join(CANONICAL_COLUMNS)}")
+    check_columns(columns)
     aspect_lookup = None if criteria is None else _aspect_lookup(criteria)
 
     report = LoadReport()
     reasons: Counter = Counter()
     pairs: list[PreferencePair] = []
     for source in _expand_sources(sources):
-        raw = read_rows(source)
+        bad_lines: Counter = Counter()
+        raw = read_rows(source, skipped=bad_lines if on_bad_row == "skip" else None)
+        report.rows += sum(bad_lines.values())  # lines that were not rows (not UTF-8, not JSON), skipped
+        reasons.update(bad_lines)
         report.files.append(str(source))
         rows = [_remap(r, columns) for r in raw]
         file_schema = _detect_schema(rows) if schema == "auto" else schema
@@ -170,6 +171,18 @@ def load_pairs(
     return pairs, report
 
 
+def check_columns(columns: Any, key: str = "data.columns") -> None:
+    """A column remapping {canonical name: the file's column}: ConfigError naming `key` and the entry."""
+    if not isinstance(columns, dict):
+        raise ConfigError(f"{key}: expected a mapping such as {{chosen: better, rejected: worse}}, got {columns!r}")
+    for name, file_col in columns.items():
+        if name not in CANONICAL_COLUMNS:
+            raise ConfigError(f"{key}: {name!r} is not a column name of the schemas; the names are "
+                              f"{', '.join(CANONICAL_COLUMNS)} (mapped to the file's columns: {{chosen: better}})")
+        if not isinstance(file_col, str) or not file_col:
+            raise ConfigError(f"{key}.{name}: expected the file's column name (a string), got {file_col!r}")
+
+
 def _expand_sources(sources) -> list[str]:
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
@@ -177,7 +190,9 @@ def _expand_sources(sources) -> list[str]:
     for s in sources:
         s = str(s)
         path = Path(s)
-        if path.is_dir():
+        if is_saved_dataset(path):
+            out.append(s)  # one source: read_rows loads it with datasets.load_from_disk
+        elif path.is_dir():
             files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in _FILE_SUFFIXES)
             if not files:
                 raise DataError(f"{s}: a folder with no .jsonl, .json or .parquet file")

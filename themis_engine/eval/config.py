@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from themis_engine.config import option, parse_args
+from themis_engine.config import check_number, option, parse_args
 from themis_engine.errors import ConfigError
 from themis_engine.scoring.budget import DEFAULT_TOKENS_PER_BATCH
 
@@ -39,6 +39,8 @@ class EvalConfig:
                                                  f"{DEFAULT_TOKENS_PER_BATCH} or the largest pair when larger)")
     on_overflow: Literal["truncate", "error"] = option("truncate", "a sequence over --max-length: truncate the "
                                                        "response (the template's closing tokens kept) or stop")
+    chat_template: Optional[str] = option(None, "a Jinja chat template (a file, or the text) for a model folder "
+                                          "whose tokenizer has none, or to replace its own")
     head: str = option("auto", "which reward head scores a row: auto (a multi-head model: the head named like "
                        "the row's aspect; a one-head model: head 0), a head name, or a head index")
     limit: Optional[int] = option(None, "evaluate only the first N rows")
@@ -65,6 +67,11 @@ class EvalConfig:
             raise ConfigError(f"--chunk-size must be at least 1, got {self.chunk_size}")
         if self.max_length < 2:
             raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
+        if self.limit is not None:
+            check_number("--limit", self.limit, low=1, integer=True)
+        if self.max_tokens_per_batch is not None:
+            check_number("--max-tokens-per-batch", self.max_tokens_per_batch, low=1, integer=True)
+        check_number("--dist-timeout-minutes", self.dist_timeout_minutes, low=1, integer=True)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.criteria_prompts and not (self.use_system_prompts or self.use_aspect_prompts):

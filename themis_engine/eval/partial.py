@@ -8,16 +8,19 @@ of the JSON text), so a line cut short by a crash is recognised and dropped on r
     line 2..: {"rows": [[id, chosen, rejected, row_hash], ...]}
 
 Floats are written with Python's repr, so a resumed run reproduces the one-shot run's scores
-bit for bit. row_hash covers the row's texts, its system prompt and the head that scored it: a
-resumed run that would score a finished row differently (the data or the options changed) is an
-error, as is a fingerprint that differs. The files stay after a successful run; `--resume` on a
-finished output only rewrites the final files.
+bit for bit; a non-finite score is written as the string "nan", "inf" or "-inf" (every line is
+strict JSON) and read back as that float. row_hash covers the row's texts, its system prompt and
+the head that scored it: a resumed run that would score a finished row differently (the data or
+the options changed) is an error, as is a fingerprint that differs (the run's --limit, the data
+file's content, the model folder's content: see run.fingerprint). The files stay after a
+successful run; `--resume` on a finished output only rewrites the final files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -45,8 +48,14 @@ def row_hash(pair, system: str | None, head: int) -> str:
     return hashlib.blake2b(key.encode("utf8"), digest_size=8).hexdigest()
 
 
+def _score(x: float) -> float | str:
+    """A score as strict JSON holds it: the float, or "nan" / "inf" / "-inf" (float() reads them back)."""
+    x = float(x)
+    return x if math.isfinite(x) else repr(x)
+
+
 def _encode(payload: dict) -> bytes:
-    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     data = text.encode("utf8")
     return b"%08x " % zlib.crc32(data) + data + b"\n"
 
@@ -91,9 +100,22 @@ def _scan(path: Path) -> tuple[dict | None, list[dict], int, bool]:
     return header, chunks, good_bytes, damaged
 
 
-def _fingerprint_diff(found: dict, expected: dict) -> list[str]:
-    keys = sorted(set(found) | set(expected))
-    return [f"{k}: {found.get(k)!r} then, {expected.get(k)!r} now" for k in keys if found.get(k) != expected.get(k)]
+def _fingerprint_diff(found: dict, expected: dict, prefix: str = "") -> list[str]:
+    """What differs between two fingerprints, one item per key (a nested mapping: per inner key)."""
+    out = []
+    for k in sorted(set(found) | set(expected)):
+        a, b = found.get(k), expected.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict) and prefix == "":
+            inner = _fingerprint_diff(a, b, prefix=f"{k}[")
+            out.extend(inner)
+        elif prefix:
+            what = "absent then" if a is None else "absent now" if b is None else "content changed"
+            out.append(f"{prefix}{k}]: {what}")
+        else:
+            out.append(f"{k}: {a!r} then, {b!r} now")
+    return out
 
 
 class PartialStore:
@@ -166,7 +188,7 @@ class PartialStore:
         return self
 
     def append(self, ids: Sequence, chosen: Sequence[float], rejected: Sequence[float], hashes: Sequence[str]) -> None:
-        rows = [[i, float(c), float(r), h] for i, c, r, h in zip(ids, chosen, rejected, hashes)]
+        rows = [[i, _score(c), _score(r), h] for i, c, r, h in zip(ids, chosen, rejected, hashes)]
         self._write(_encode({"rows": rows}))
 
     def _write(self, line: bytes) -> None:

@@ -4,12 +4,20 @@ results.json (as the Themis authors' evaluator writes it, `json.dump(..., indent
 
     {"overall": {"accuracy", "total_examples", "correct_predictions", "mean_score_difference",
                  "median_score_difference", "std_score_difference"},
-     "by_aspect" | "by_language" | "by_subset": {name: {"accuracy", "count"}}}
+     "by_aspect" | "by_language" | "by_subset": {name: {"accuracy", "count"}},
+     "checks": {"identical_pairs", "non_finite_scores", "null_values"}}
 
 Key order as above; group names sorted; floats rounded to 4 decimals the way pandas rounds
 (numpy round half to even on the scaled value); the standard deviation is the sample one
 (ddof=1, pandas' `Series.std`); no trailing newline. A row is correct when its chosen score is
 strictly greater than its rejected score (a tie is wrong); score_diff = chosen - rejected.
+
+`checks` (after the published keys, which readers of the published files ignore) says what the
+numbers above cannot: how many rows have chosen == rejected (identical texts: scored alike, so
+counted wrong), how many rows have a non-finite score (NaN or inf: counted wrong, left out of the
+score-difference statistics as pandas leaves NaN out), and how many values of this file are null
+because they were not finite. The file is strict JSON (no NaN or Infinity tokens): a non-finite
+value is written as null and counted in `null_values`.
 
 scores.parquet: one row per pair, in data order; columns chosen_score, rejected_score (float64),
 correct (bool), score_diff (float64), language, aspect, subset (string), and `id` stored as a
@@ -21,8 +29,9 @@ is not needed).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -50,8 +59,11 @@ def compile_results(
     aspect: Sequence[str],
     language: Sequence[str],
     subset: Sequence[str],
+    identical: Sequence[bool] | None = None,
 ) -> dict:
-    """Per-pair scores and labels -> the results.json mapping (see the module docstring)."""
+    """Per-pair scores and labels -> the results.json mapping (see the module docstring).
+    identical: per row, whether its chosen and rejected texts are the same (checks.identical_pairs;
+    None: counted as 0)."""
     c = np.asarray(chosen, dtype=np.float64)
     r = np.asarray(rejected, dtype=np.float64)
     if c.shape != r.shape or c.ndim != 1 or len(c) == 0:
@@ -60,14 +72,15 @@ def compile_results(
     diff = c - r
     finite = diff[~np.isnan(diff)]  # pandas' statistics skip NaN
     n = len(finite)
-    overall = {
-        "accuracy": _round4(correct.mean()),
-        "total_examples": int(len(c)),
-        "correct_predictions": int(correct.sum()),
-        "mean_score_difference": _round4(finite.mean()) if n else float("nan"),
-        "median_score_difference": _round4(np.median(finite)) if n else float("nan"),
-        "std_score_difference": _round4(finite.std(ddof=1)) if n > 1 else float("nan"),
-    }
+    with np.errstate(invalid="ignore", over="ignore"):  # an inf difference: inf / NaN statistics, counted below
+        overall = {
+            "accuracy": _round4(correct.mean()),
+            "total_examples": int(len(c)),
+            "correct_predictions": int(correct.sum()),
+            "mean_score_difference": _round4(finite.mean()) if n else float("nan"),
+            "median_score_difference": _round4(np.median(finite)) if n else float("nan"),
+            "std_score_difference": _round4(finite.std(ddof=1)) if n > 1 else float("nan"),
+        }
     out: dict = {"overall": overall}
     labels = {"aspect": aspect, "language": language, "subset": subset}
     for key, column in GROUPS:
@@ -79,18 +92,56 @@ def compile_results(
         wins = [int(correct[values == name].sum()) for name in names]
         accuracy = grouped_accuracy(counts, wins, names)
         out[key] = {name: {"accuracy": _round4(accuracy[name]), "count": n} for name, n in zip(names, counts)}
+    if identical is not None and len(identical) != len(c):
+        raise ValueError(f"compile_results: {len(identical)} identical flags for {len(c)} scores")
+    out["checks"] = {
+        "identical_pairs": int(sum(bool(x) for x in identical)) if identical is not None else 0,
+        "non_finite_scores": int((~(np.isfinite(c) & np.isfinite(r))).sum()),
+        "null_values": 0,
+    }
     return out
 
 
-def write_results_json(results: dict, path: str | Path) -> None:
-    """Atomically, byte for byte as the published files are laid out (indent 2, no final newline)."""
-    text = json.dumps(results, indent=2)
+def strict_json_value(value: Any) -> tuple[Any, int]:
+    """(value with every non-finite float replaced by None, how many were replaced): what strict JSON
+    (json.dumps(allow_nan=False)) can hold."""
+    count = 0
+
+    def walk(v):
+        nonlocal count
+        if isinstance(v, float) and not math.isfinite(v):
+            count += 1
+            return None
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(x) for x in v]
+        return v
+
+    return walk(value), count
+
+
+def dumps_strict(value: Any, **kwargs) -> tuple[str, int]:
+    """json.dumps of `value` as strict JSON: (text, how many non-finite floats became null)."""
+    clean, count = strict_json_value(value)
+    return json.dumps(clean, allow_nan=False, **kwargs), count
+
+
+def write_results_json(results: dict, path: str | Path) -> dict:
+    """Atomically, byte for byte as the published files are laid out (indent 2, no final newline),
+    as strict JSON: a non-finite value is written as null and counted in checks.null_values (added
+    when the mapping has no `checks`). Returns the mapping as written."""
+    clean, nulls = strict_json_value(results)
+    if nulls:
+        clean.setdefault("checks", {})["null_values"] = nulls
+    text = json.dumps(clean, indent=2, allow_nan=False)
 
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
 
     atomic_write(path, write)
+    return clean
 
 
 def _pandas_metadata(id_is_int: bool) -> bytes:

@@ -5,17 +5,16 @@ a time (host memory bounded by the largest tensor), and nothing pickle-based is 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from themis_engine.errors import CheckpointError
+from themis_engine.errors import CheckpointError, ConfigError
 from themis_engine.fileio import atomic_write, write_json
 from themis_engine.model.args import (
     DEFAULT_CRITERIA,
@@ -26,48 +25,17 @@ from themis_engine.model.args import (
     rope_inv_freq,
 )
 from themis_engine.model.decoder import RewardModel
+from themis_engine.model.folder import (  # noqa: F401 -- read_config, safetensors_files: this module's API
+    PICKLE_SUFFIXES,
+    check_model_args,
+    read_config,
+    safetensors_files,
+)
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Tensors some checkpoints carry that the engine recomputes or does not use.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-
-def read_config(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory (expected a Hugging Face model folder with config.json)")
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{path}: no config.json")
-    with open(cfg_file) as f:
-        return json.load(f)
-
-
-def safetensors_files(path: str | os.PathLike) -> list[Path]:
-    """The checkpoint's safetensors files (from the shard index when there is one)."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = [path / name for name in dict.fromkeys(weight_map.values())]
-        missing = [str(f.name) for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{path}: the shard index names files that are not there: {', '.join(missing)}")
-        return files
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        return files
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise CheckpointError(
-            f"{path}: only pickle-based weights ({', '.join(pickles)}); themis_engine reads safetensors only, "
-            "because unpickling can run arbitrary code. Convert once with transformers: "
-            "AutoModelForSequenceClassification.from_pretrained(path).save_pretrained(out, safe_serialization=True) "
-            "(or AutoModelForCausalLM for a base model)."
-        )
-    raise CheckpointError(f"{path}: no *.safetensors files")
+# Non-finite values are counted in pieces of this many elements (bounded temporary memory).
+_FINITE_CHUNK = 1 << 24
 
 
 def architecture_of(cfg: dict, tensor_names: Iterable[str]) -> tuple[str, str]:
@@ -91,13 +59,50 @@ def architecture_of(cfg: dict, tensor_names: Iterable[str]) -> tuple[str, str]:
     return model_type, kind
 
 
+def _damaged(file: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(f"{file}: not a readable safetensors file ({err}); the file is damaged or was not "
+                           "copied whole: download or save it again")
+
+
 def _tensor_index(files: Sequence[Path]) -> dict[str, Path]:
     index: dict[str, Path] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                index[name] = file
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    index[name] = file
+        except SafetensorError as err:
+            raise _damaged(file, err) from None
     return index
+
+
+def model_args_of(cfg: dict, path) -> ModelArgs:
+    """ModelArgs from a config.json mapping, checked (check_model_args); CheckpointError names the
+    file and the key that is missing or wrong."""
+    where = Path(path) / "config.json"
+    try:
+        args = ModelArgs.from_hf_config(cfg)
+    except KeyError as err:
+        raise CheckpointError(f"{where}: no {err.args[0]!r} (a {cfg.get('model_type')} config needs it)") from None
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: {err}") from None
+    check_model_args(args, str(where))
+    return args
+
+
+def count_nonfinite(tensor: torch.Tensor) -> int:
+    """How many NaN / inf values a floating-point tensor holds (0 for other dtypes); counted in
+    pieces, so the temporary memory stays small beside a large embedding."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return 0
+    flat = tensor.reshape(-1)
+    try:
+        ok = torch.stack([torch.isfinite(piece).all() for piece in flat.split(_FINITE_CHUNK)]).all()
+        if bool(ok):
+            return 0
+        return int(sum(int((~torch.isfinite(piece)).sum()) for piece in flat.split(_FINITE_CHUNK)))
+    except (RuntimeError, NotImplementedError):  # a dtype isfinite does not cover (FP8 storage)
+        return 0
 
 
 def load_reward_model(
@@ -122,7 +127,7 @@ def load_reward_model(
     where = _tensor_index(files)
     family, kind = architecture_of(cfg, where)
     cfg.setdefault("model_type", family)
-    args = ModelArgs.from_hf_config(cfg)
+    args = model_args_of(cfg, path)
     is_cls = kind == "ForSequenceClassification"
     if is_cls and not cfg.get("id2label") and "num_labels" not in cfg and "score.weight" in where:
         # transformers omits a default id2label (LABEL_0..) from config.json: count the head's rows
@@ -139,7 +144,7 @@ def load_reward_model(
             args.criteria = names
     else:
         args.criteria = _criteria_names(criteria if criteria is not None else 1)
-    dtype = _resolve_dtype(dtype, cfg)
+    dtype = _resolve_dtype(dtype, cfg, path)
     device = torch.device(device or "cpu")
     with_lm_head = (not is_cls) and keep_lm_head
 
@@ -190,14 +195,29 @@ def load_reward_model(
                     quantize_block(model.model.layers[i], i, fp8_dtype, False, fp8_report)
     # safetensors can put tensors straight on a CUDA device; the cast then happens there
     open_device = str(device) if device.type == "cuda" else "cpu"
+    nonfinite: list[tuple[str, int, int]] = []  # (tensor, non-finite values, values)
     for file, names in by_file.items():
-        with safe_open(str(file), framework="pt", device=open_device) as f:
-            for name in names:
-                tensor = f.get_tensor(name).to(device=device, dtype=dtype)
-                _assign(model, name, tensor)
-                del tensor
-                if quant_block is not None:
-                    quant_block(name)
+        try:
+            with safe_open(str(file), framework="pt", device=open_device) as f:
+                for name in names:
+                    tensor = f.get_tensor(name).to(device=device, dtype=dtype)
+                    bad = count_nonfinite(tensor)
+                    if bad:
+                        nonfinite.append((name, bad, tensor.numel()))
+                    _assign(model, name, tensor)
+                    del tensor
+                    if quant_block is not None:
+                        quant_block(name)
+        except SafetensorError as err:
+            raise _damaged(file, err) from None
+    if nonfinite:
+        shown = ", ".join(f"{name} ({bad} of {n})" for name, bad, n in nonfinite[:8])
+        more = f" and {len(nonfinite) - 8} more" if len(nonfinite) > 8 else ""
+        raise CheckpointError(
+            f"{path}: {len(nonfinite)} weight tensor(s) hold NaN or inf values (in {str(dtype).replace('torch.', '')})"
+            f": {shown}{more}; scores computed through them would be NaN. The checkpoint is damaged (a diverged "
+            "training run, a bad conversion, or values too large for this dtype)"
+        )
     if not is_cls:
         _assign(model, "score.weight", torch.zeros(args.num_criteria, args.hidden_size, dtype=dtype, device=device))
     if with_lm_head and args.tie_word_embeddings:
@@ -237,14 +257,28 @@ def _criteria_names(criteria: int | Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def _resolve_dtype(dtype, cfg) -> torch.dtype:
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _resolve_dtype(dtype, cfg, path=None) -> torch.dtype:
+    """The compute dtype: the one given (ConfigError when it is not a floating-point torch dtype), else
+    config.json's `dtype` / `torch_dtype` (CheckpointError naming the file and key), else float32."""
+    given = dtype is not None
     if dtype is None:
-        dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+        key = "dtype" if cfg.get("dtype") else "torch_dtype"
+        dtype = cfg.get(key) or "float32"
     if isinstance(dtype, str):
         name = dtype.replace("torch.", "")
-        if not hasattr(torch, name) or not isinstance(getattr(torch, name), torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}")
-        dtype = getattr(torch, name)
+        value = getattr(torch, name, None) if name.isidentifier() else None
+        if not isinstance(value, torch.dtype) or not value.is_floating_point:
+            if given:
+                raise ConfigError(f"dtype {dtype!r}: not a floating-point torch dtype (use {', '.join(FLOAT_DTYPES)})")
+            where = Path(path) / "config.json" if path is not None else "config.json"
+            raise CheckpointError(f"{where}: {key!r} is {dtype!r}, not a floating-point torch dtype "
+                                  f"(expected one of {', '.join(FLOAT_DTYPES)})")
+        dtype = value
+    elif not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"dtype {dtype!r}: not a floating-point torch dtype (use {', '.join(FLOAT_DTYPES)})")
     return dtype
 
 
@@ -303,7 +337,7 @@ def save_reward_model(
         size += nbytes
     meta = {"format": "pt"}
     if len(shards) == 1:
-        atomic_write(out / "model.safetensors", lambda tmp: save_file(shards[0], tmp, metadata=meta))
+        atomic_write(out / "model.safetensors", lambda tmp: _save_safetensors(shards[0], tmp, meta))
         stale_index = out / "model.safetensors.index.json"
         if stale_index.exists():
             stale_index.unlink()
@@ -312,9 +346,17 @@ def save_reward_model(
         n = len(shards)
         for i, shard in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-            atomic_write(out / fname, lambda tmp, s=shard: save_file(s, tmp, metadata=meta))
+            atomic_write(out / fname, lambda tmp, s=shard: _save_safetensors(s, tmp, meta))
             weight_map.update({name: fname for name in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         atomic_write(out / "model.safetensors.index.json", lambda tmp: write_json(index, tmp))
     atomic_write(out / "config.json", lambda tmp: write_json(cfg, tmp))
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], tmp: str, meta: dict) -> None:
+    """save_file into atomic_write's temporary file, keeping the permissions atomic_write gave it (the
+    umask's): safetensors' writer replaces the file with a new one of mode 0600."""
+    mode = os.stat(tmp).st_mode & 0o777
+    save_file(tensors, tmp, metadata=meta)
+    os.chmod(tmp, mode)

@@ -5,8 +5,11 @@
 
 POST /get_reward   {"query": [str], "prompts": [str] (optional), "labels": [...] (optional, unused)}
                ->  {"rewards": [float], "scores": [float], "extra_logs": {criterion: [float]}}
-GET  /health       200 {"status": "ready", "criteria": [...], "truncated", "prompt_mismatch", ...} once
-                   the model is loaded, else 503
+GET  /health       200 {"status": "ready", "criteria": [...], "truncated", "prompt_mismatch",
+                   "non_finite_scores", ...} once the model is loaded, else 503
+
+A score that is not finite (NaN, inf) is sent as null (JSON has no NaN), logged and counted on
+/health (`non_finite_scores`: queries with one in any criterion).
 
 `rewards` and `scores` are the `head` criterion's scores; `extra_logs` holds every criterion's, one
 value per query (OpenRLHF logs them). How the text becomes tokens (`--query_format`, encoder.py):
@@ -35,7 +38,17 @@ thread, the model in another, the HTTP event loop in neither.
 
 Sequences over `--max_length` are cut from the right with the template's closing tokens kept. The
 server listens on loopback unless `--host` says otherwise; bodies over `--max_request_bytes` get a
-413, malformed ones a 400 with a message, and the server keeps serving.
+413, and so does a query or prompt over `--max_query_chars` characters (default 64 per token of
+`--max_length`: text that long could not be scored anyway, and tokenizing it all cost memory and
+stalled the other clients); malformed bodies get a 400 with a message (also text holding a lone
+UTF-16 surrogate, which is not Unicode), and the server keeps serving. A client that disconnects
+before its body is read is one line in the log.
+
+The model folder is checked before the server starts (model/folder.py): config.json, the
+safetensors headers, the tokenizer files (a folder without them no longer becomes a one-token
+tokenizer that gives every query the same reward), a chat template (or `--chat_template`), token
+ids that fit the model's vocabulary; then NaN weights are an error while loading. Each is one line
+naming the file and exit status 2, never a server that says it is ready.
 
 The pieces:
 

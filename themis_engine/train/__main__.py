@@ -5,13 +5,16 @@
     python -m themis_engine.train --preset demo --model.overrides="{num_layers: 4}"   # a bigger demo shape
     torchrun --nproc_per_node 8 -m themis_engine.train --config run.yaml
     python -m themis_engine.train --help                              # every field with its help
+
+A bad setting, data file or checkpoint is one line naming the file, row, key or value, and exit
+status 2 (`--debug` or THEMIS_DEBUG=1 prints the traceback too).
 """
 
 from __future__ import annotations
 
 import sys
 
-from themis_engine.config import ConfigError, parse_args
+from themis_engine.config import ConfigError, parse_args, run_cli
 from themis_engine.train.config import LEGACY_SHAPE_FLAGS, PRESETS, ShapeOverrides, TrainConfig
 
 
@@ -22,16 +25,17 @@ def parse_config(argv=None) -> TrainConfig:
                      presets=PRESETS)
     if legacy:
         cfg.model.overrides = ShapeOverrides({**cfg.model.overrides, **legacy})
-    cfg.model.shape_name()  # a path that is neither a folder nor a named shape fails here
+    cfg.check()  # ranges, shapes, proportions; a path that is neither a folder nor a named shape
     return cfg
 
 
 def main(argv=None) -> int:
-    try:
-        cfg = parse_config(argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """0 when the run finished; 2 with one line on stderr on a user error (themis_engine.errors)."""
+    return run_cli("themis_engine.train", _main, argv)
+
+
+def _main(argv) -> int:
+    cfg = parse_config(argv)
     from themis_engine import distributed
     from themis_engine.train.trainer import Trainer
 

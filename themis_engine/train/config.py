@@ -8,18 +8,25 @@
 from scratch, and `model.overrides` changes fields of that shape; there is no second list of shape
 fields (the earlier --model.hidden_size ... flags are read into model.overrides by the CLI).
     python -m themis_engine.train --help
+
+`TrainConfig.check()` (run when the command line is parsed) checks the values together: sizes and
+counts positive, head counts that divide, learning rates finite and positive, proportions that sum
+to one; each ConfigError names the key and the value.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-from themis_engine.config import ConfigError, convert, option, section
+from themis_engine.config import ConfigError, check_number, convert, option, section
+from themis_engine.data.schemas import check_columns
 from themis_engine.model.args import FAMILIES, NAMED_SHAPES, ModelArgs
+from themis_engine.model.folder import model_args_problems
 
 
 class ShapeOverrides(dict):
@@ -101,22 +108,44 @@ class ModelSection:
             raise ConfigError(f"model.path {self.path!r} is a checkpoint folder, not a named shape")
         return ModelArgs.from_name(name, **self.overrides)
 
+    def check(self) -> None:
+        """A folder or a named shape; a named shape with its overrides must be a shape that runs."""
+        name = self.shape_name()
+        if name is not None:
+            problems = model_args_problems(self.shape())
+            if problems:
+                given = f" with model.overrides {dict(self.overrides)}" if self.overrides else ""
+                raise ConfigError(f"model.path {name!r}{given}: " + "; ".join(problems))
+        if self.tokenizer and not Path(self.tokenizer).is_dir():
+            raise ConfigError(f"model.tokenizer: {self.tokenizer!r} is not a folder (expected the tokenizer files' "
+                              "folder)")
+
 
 @dataclass
 class DataSection:
     """Training and evaluation data."""
 
-    train: list[str] = option(factory=list, help="training files (JSONL / Parquet) or HF dataset ids")
+    train: list[str] = option(factory=list, help="training data: JSONL / JSON / Parquet files, folders of them "
+                              "(Parquet shards), globs, folders written by datasets' save_to_disk, or Hugging Face "
+                              "dataset ids (with `datasets` installed)")
     eval: list[str] = option(factory=list, help="held-out files; empty = hold out eval_fraction of train")
     eval_fraction: float = option(0.05, "fraction of train held out when no eval files are given")
     schema: Literal["auto", "themis", "crb", "trl"] = option("auto", "row schema")
     columns: dict = option(factory=dict, help="column remapping, e.g. {chosen: better, rejected: worse}")
     on_bad_row: Literal["error", "skip"] = option("error", "a bad row stops the run, or is skipped and counted")
     max_length: int = option(4096, "longest standalone sequence (prompt + response) in tokens")
-    cache_dir: str = option("", "tokenization cache folder (default: <output>/cache)")
+    cache_dir: str = option("", "token store folder (default: <output>/cache); a later run with the same data and "
+                                "settings maps the stores found there instead of tokenizing again")
+    workers: int = option(0, "processes that tokenize the data on a cache miss (0: every core)")
     synthetic_pairs: int = option(0, "generate this many synthetic code-preference pairs instead of reading "
                                      "files (the demo)")
     seed: int = option(0, "data order and split seed")
+
+    def check(self) -> None:
+        check_number("data.eval_fraction", self.eval_fraction, low=0, high=1, high_open=True)
+        check_number("data.max_length", self.max_length, low=2, integer=True)
+        check_number("data.synthetic_pairs", self.synthetic_pairs, low=0, integer=True)
+        check_columns(self.columns, "data.columns")
 
 
 @dataclass
@@ -138,6 +167,27 @@ class ObjectiveSection:
     magnitude: Literal["centering", "abs"] = option("centering", "(r_c + r_r)^2 (paper, TRL) or "
                                                                  "(|r_c| + |r_r|)^2 (Themis training code)")
 
+    def check(self) -> None:
+        if not self.criteria:
+            raise ConfigError("objective.criteria: expected at least one criterion name, got []")
+        for name in self.criteria:
+            if not name.strip():
+                raise ConfigError(f"objective.criteria: a blank name in {self.criteria!r}")
+        repeated = sorted({c for c in self.criteria if self.criteria.count(c) > 1})
+        if repeated:
+            raise ConfigError(f"objective.criteria: {', '.join(repeated)} given more than once in {self.criteria!r}")
+        p = self.prompt_proportions
+        if len(p) != 3:
+            raise ConfigError(f"objective.prompt_proportions: expected 3 fractions (no prompt, all criteria, own "
+                              f"criterion), got {list(p)!r}")
+        for value in p:
+            check_number("objective.prompt_proportions", value, low=0, high=1)
+        if abs(sum(p) - 1.0) > 1e-6:
+            raise ConfigError(f"objective.prompt_proportions: expected fractions summing to 1, got {list(p)!r} "
+                              f"(sum {sum(p):g})")
+        check_number("objective.lm_coef", self.lm_coef, low=0)
+        check_number("objective.magnitude_coef", self.magnitude_coef, low=0)
+
 
 @dataclass
 class OptimSection:
@@ -150,6 +200,18 @@ class OptimSection:
     betas: list[float] = option(factory=lambda: [0.9, 0.95], help="AdamW betas")
     eps: float = option(1e-8, "AdamW eps")
     clip: float = option(1.5, "gradient-norm clipping (0 = off)")
+
+    def check(self) -> None:
+        check_number("optim.lr", self.lr, low=0, low_open=True)
+        check_number("optim.terminal_lr", self.terminal_lr, low=0)
+        check_number("optim.warmup_fraction", self.warmup_fraction, low=0, high=1)
+        check_number("optim.weight_decay", self.weight_decay, low=0)
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas: expected two values (beta1, beta2), got {list(self.betas)!r}")
+        for value in self.betas:
+            check_number("optim.betas", value, low=0, high=1, high_open=True)
+        check_number("optim.eps", self.eps, low=0, low_open=True)
+        check_number("optim.clip", self.clip, low=0)
 
 
 @dataclass
@@ -171,6 +233,27 @@ class RunSection:
     progress: bool = option(True, "progress bar on rank 0")
     export: bool = option(True, "write an HF *ForSequenceClassification export at the end")
 
+    def check(self) -> None:
+        if not self.output.strip():
+            raise ConfigError("run.output: expected an output folder, got ''")
+        check_number("run.global_batch_pairs", self.global_batch_pairs, low=1, integer=True)
+        check_number("run.max_tokens_per_batch", self.max_tokens_per_batch, low=1, integer=True)
+        check_number("run.max_steps", self.max_steps, low=0, integer=True)
+        check_number("run.epochs", self.epochs, low=0)
+        if self.epochs == 0 and self.max_steps == 0:
+            raise ConfigError("run.epochs: expected a number > 0 (or a run.max_steps > 0), got 0")
+        for key in ("eval_every", "checkpoint_every"):
+            check_number(f"run.{key}", getattr(self, key), low=0, integer=True)
+        check_number("run.keep_checkpoints", self.keep_checkpoints, low=1, integer=True)
+        check_number("run.log_every", self.log_every, low=1, integer=True)
+        check_number("run.seed", self.seed, low=0, integer=True)
+        if self.device and not _DEVICE.fullmatch(self.device):
+            raise ConfigError(f"run.device: expected cuda, cuda:N, cpu (or empty: cuda when present), got "
+                              f"{self.device!r}")
+
+
+_DEVICE = re.compile(r"(cpu|cuda|cuda:\d+|mps|meta)")
+
 
 @dataclass
 class TrainConfig:
@@ -179,6 +262,19 @@ class TrainConfig:
     objective: ObjectiveSection = section(ObjectiveSection)
     optim: OptimSection = section(OptimSection)
     run: RunSection = section(RunSection)
+
+    def check(self) -> None:
+        """ConfigError naming the first key (and its value) that cannot work; run when parsed."""
+        for part in (self.model, self.data, self.objective, self.optim, self.run):
+            part.check()
+        if self.run.max_tokens_per_batch < self.data.max_length:
+            raise ConfigError(
+                f"run.max_tokens_per_batch={self.run.max_tokens_per_batch} is below data.max_length="
+                f"{self.data.max_length}: a sequence of data.max_length tokens would not fit a micro-batch"
+            )
+        if self.optim.terminal_lr > self.optim.lr:
+            raise ConfigError(f"optim.terminal_lr={self.optim.terminal_lr:g} is above optim.lr={self.optim.lr:g} "
+                              "(the cosine decays from the peak lr to terminal_lr)")
 
 
 def _stage(*, lr: float, terminal_lr: float, lm_coef: float, magnitude_coef: float, clip: float,
