@@ -115,7 +115,9 @@ def test_outputs_are_the_published_format_and_agree_with_scores(crb, tmp_path):
     assert raw == json.dumps(res, indent=2)  # the published layout: indent 2, no final newline
 
     pub = published_results()
-    assert list(res) == list(pub)
+    assert list(res) == list(pub) + ["checks"]  # the published keys, then what could mislead (counted)
+    n_ties = sum(row["chosen"] == row["rejected"] for row in crb["rows"])
+    assert res["checks"] == {"identical_pairs": n_ties, "non_finite_scores": 0, "null_values": 0}
     assert list(res["overall"]) == list(pub["overall"])
     for group in ("by_aspect", "by_language", "by_subset"):
         assert list(res[group]) == sorted(res[group])
@@ -292,15 +294,19 @@ def test_resume_after_an_interruption_scores_only_the_rest(crb, tmp_path, monkey
     evaluate(crb, once, "--chunk-size", 8)
 
     scored = []
-    real = Scorer.score_pairs
+    real = Scorer.score_pairs_stream
 
-    def counting(self, prompts, *args, **kwargs):
-        if fail_after is not None and len(scored) >= fail_after:
-            raise KeyboardInterrupt  # the job is stopped mid-run
-        scored.append(len(prompts))
-        return real(self, prompts, *args, **kwargs)
+    def counting(self, batches):
+        def counted():
+            for batch in batches:
+                if fail_after is not None and len(scored) >= fail_after:
+                    raise KeyboardInterrupt  # the job is stopped mid-run
+                scored.append(len(batch[0]))
+                yield batch
 
-    monkeypatch.setattr(Scorer, "score_pairs", counting)
+        return real(self, counted())
+
+    monkeypatch.setattr(Scorer, "score_pairs_stream", counting)
     out = tmp_path / "resumed"
     fail_after = 2
     with pytest.raises(KeyboardInterrupt):
@@ -322,13 +328,14 @@ def test_resume_after_an_interruption_scores_only_the_rest(crb, tmp_path, monkey
     evaluate(crb, out, "--chunk-size", 8, "--resume")
     assert scored == [] and (out / "results.json").read_bytes() == (once / "results.json").read_bytes()
 
-    # a --limit run resumed without the limit equals the full run
+    # a --limit run is another row set: resuming it without the limit is refused (--limit is in the
+    # resume key), and its results are gone as soon as a run over other rows starts
     part = tmp_path / "part"
     evaluate(crb, part, "--chunk-size", 8, "--limit", 11)
     scored.clear()
-    evaluate(crb, part, "--chunk-size", 8, "--resume")
-    assert sum(scored) == N_ROWS - 11
-    assert (part / "scores.parquet").read_bytes() == (once / "scores.parquet").read_bytes()
+    with pytest.raises(ResumeError, match="limit: 11 then, None now"):
+        evaluate(crb, part, "--chunk-size", 8, "--resume")
+    assert scored == [] and (part / "results.json").exists()
 
     # finished rows made with other settings are never mixed in
     with pytest.raises(ResumeError, match="max_length: 4096 then, 2048 now"):

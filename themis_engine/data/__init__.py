@@ -3,7 +3,8 @@
     tables.py     JSONL / JSON / Parquet / HF dataset ids -> rows; rows -> JSONL / Parquet (atomic)
     schemas.py    row validation, the one place: training pairs (themis / crb / trl) and CRB rows
     prompts.py    criteria prompt texts, and the system message each training pair gets
-    tokenize.py   pairs -> token ids exactly as the Scorer computes them, cached on disk
+    tokenize.py   pairs -> token ids exactly as the Scorer computes them (the chat path), in memory
+    store.py      the token store: tokenized pairs on disk, memory-mapped, built by worker processes
     synthetic.py  the generated multilingual code-preference set of the demo
     workload.py   a seeded CodeRewardBench-shaped token workload for the benchmarks
 """

@@ -3,8 +3,10 @@
     run(cfg)           evaluate; returns the results.json mapping on rank 0 (None on the others)
     resolve_heads      the reward head that scores each row (--head)
     resolve_systems    the system prompt of each row (--use-aspect-prompts, --use-system-prompts)
-    fingerprint        what a row's scores depend on besides the row (checked on --resume)
-    load_scorer        the Scorer of a run (dtype, max_length, on_overflow, token budget)
+    fingerprint        what a row's scores depend on besides the row (checked on --resume): the
+                       model folder's content (safetensors headers + checksums, tokenizer files), the
+                       chat template, the data file's content, --limit, dtype, max_length, on_overflow
+    load_scorer        the Scorer of a run (the model folder checked first; dtype, max_length, ...)
     main(argv)         `python -m themis_engine.eval`: 0, or 2 with one line naming the error
 
 Rows are scored in chunks (--chunk-size pairs); each finished chunk is appended to
@@ -14,12 +16,20 @@ torchrun (WORLD_SIZE > 1) row i belongs to rank i % WORLD_SIZE, each rank scores
 device (cuda:LOCAL_RANK where CUDA is present) and appends to its own partial file, and rank 0
 merges them into the same files a single process writes. With several nodes, OUTPUT must be on a
 file system every node sees.
+
+The final files (results.json, scores.parquet, report.md, report.png) are removed when a run
+starts, fresh or resumed, and written when it ends: an interrupted run never leaves the results of
+another row set (an earlier --limit) beside its partial files. results.json counts what could
+mislead (its `checks`): rows whose chosen and rejected texts are identical, rows with a non-finite
+score, values written as null; the console says the same.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -28,22 +38,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from themis_engine import distributed
+from themis_engine.config import run_cli
 from themis_engine.data.prompts import CriteriaPrompts
 from themis_engine.data.schemas import CRBRow as Pair
 from themis_engine.data.schemas import load_crb_rows as load_pairs
-from themis_engine.errors import (
-    CheckpointError,
-    CompareError,
-    ConfigError,
-    DataError,
-    EvalError,
-    InputError,
-    ResumeError,
-)
+from themis_engine.errors import EvalError, ResumeError
 from themis_engine.eval import report as reporting
 from themis_engine.eval.config import DTYPES, EvalConfig, parse
 from themis_engine.eval.partial import PartialStore, row_hash
 from themis_engine.eval.results import compile_results, write_results_json, write_scores_parquet
+from themis_engine.model.folder import check_model_folder, content_fingerprint, file_checksum, text_checksum
 
 if TYPE_CHECKING:
     from themis_engine.scoring.scorer import Scorer
@@ -99,27 +103,68 @@ def resolve_systems(cfg: EvalConfig, prompts: CriteriaPrompts, pairs: list[Pair]
 def load_scorer(cfg: EvalConfig, device) -> "Scorer":
     """The evaluator's Scorer on `device`: cfg's dtype, max_length and on_overflow. Its token budget is
     --max-tokens-per-batch, or where none is given the Scorer's default (measured from free memory on
-    CUDA, elsewhere scoring.budget.default_token_budget of each call's largest pair)."""
+    CUDA, elsewhere scoring.budget.default_token_budget of each call's largest pair). The model folder
+    is checked first (model.folder.check_model_folder: config.json, safetensors headers, tokenizer
+    files, chat template or --chat-template): CheckpointError naming the file."""
     from themis_engine.scoring.scorer import Scorer
 
+    tokenizer = check_model_folder(cfg.model, chat_template=cfg.chat_template)
     return Scorer.from_pretrained(
         cfg.model, device=device, dtype=DTYPES[cfg.dtype] if cfg.dtype else None,
         max_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch, on_overflow=cfg.on_overflow,
+        tokenizer=tokenizer,
     )
 
 
-def fingerprint(cfg: EvalConfig, scorer) -> dict:
-    """What a row's scores depend on besides the row, its system prompt and its head."""
+def data_checksum(source: str, pairs: list[Pair]) -> str:
+    """The data's content: a checksum of the file's bytes, or (a dataset id) of the rows read."""
+    path = Path(source)
+    if path.is_file():
+        return "crc32:" + file_checksum(path)
+    rows = [[p.id, p.prompt, p.chosen, p.rejected, p.aspect, p.language, p.subset] for p in pairs]
+    return "rows:" + text_checksum(json.dumps(rows, ensure_ascii=False))
+
+
+def fingerprint(cfg: EvalConfig, scorer, model_content: dict | None = None, data_content: str | None = None,
+                pairs: list[Pair] | None = None) -> dict:
+    """What a row's scores depend on besides the row, its system prompt and its head: the model
+    folder's content (model.folder.content_fingerprint: safetensors headers and checksums, the
+    tokenizer files; not the file sizes, which other weights share), the chat template the scorer
+    renders with, the data's content and --limit (a resumed run covers the same rows), the dtype,
+    max_length and on_overflow. model_content / data_content: computed already (else here)."""
     model = Path(cfg.model).resolve()
-    files = {p.name: p.stat().st_size for p in sorted(model.iterdir()) if p.suffix == ".safetensors"
-             or p.name == "config.json"}
+    template = getattr(scorer.tokenizer, "chat_template", None)
     return {
         "model": str(model),
-        "model_files": files,
+        "model_content": model_content if model_content is not None else content_fingerprint(model),
+        "chat_template": text_checksum(template) if isinstance(template, str) else None,
+        "data_content": data_content if data_content is not None else data_checksum(cfg.data, pairs or []),
+        "limit": cfg.limit,
         "dtype": str(scorer.model.dtype).replace("torch.", ""),
         "max_length": cfg.max_length,
         "on_overflow": cfg.on_overflow,
     }
+
+
+class _Background:
+    """fn(*args) in a daemon thread (so an error elsewhere exits at once); .result() waits for it."""
+
+    def __init__(self, fn, *args):
+        self._value, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True, name="themis-hash")
+        self._thread.start()
+
+    def _run(self, fn, args):
+        try:
+            self._value = fn(*args)
+        except BaseException as err:  # noqa: BLE001 -- raised again in result()
+            self._error = err
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 # ------------------------------------------------------------------------------------------ progress
@@ -161,14 +206,18 @@ def _score_rows(scorer, pairs, todo, systems, heads, hashes, chunk_size, store, 
     """Score rows `todo` (indices into pairs) chunk by chunk, appending each chunk to `store`.
     Returns the number of sequences the scorer truncated."""
     truncated = 0
-    for start in range(0, len(todo), chunk_size):
-        idx = todo[start : start + chunk_size]
+    chunks = [todo[start : start + chunk_size] for start in range(0, len(todo), chunk_size)]
+
+    def batches():
+        for idx in chunks:
+            rows = [pairs[i] for i in idx]
+            yield ([p.prompt for p in rows], [p.chosen for p in rows], [p.rejected for p in rows],
+                   [systems[i] for i in idx])
+
+    # one pipeline across the chunks: the next chunk is encoded while this one runs on the device
+    for idx, (chosen, rejected, report) in zip(chunks, scorer.score_pairs_stream(batches())):
         rows = [pairs[i] for i in idx]
-        chosen, rejected = scorer.score_pairs(
-            [p.prompt for p in rows], [p.chosen for p in rows], [p.rejected for p in rows],
-            system=[systems[i] for i in idx],
-        )
-        truncated += scorer.last_report.truncated  # this chunk's: the scorer is used by this thread only
+        truncated += report.truncated
         take = torch.arange(len(idx))
         head = torch.tensor([heads[i] for i in idx], dtype=torch.long)
         store.append(
@@ -195,6 +244,8 @@ def run(cfg: EvalConfig) -> dict | None:
 def _run(cfg: EvalConfig, ranks: distributed.DistInfo, group) -> dict | None:
     """`group`: the gloo group the barriers run on (None: the default group)."""
     main = ranks.is_main
+    # the model folder's checksums are read while the rows and the weights load (zlib lets it run)
+    model_content = _Background(content_fingerprint, Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else None
     pairs = load_pairs(cfg.data, split=cfg.split, limit=cfg.limit)
     try:
         prompts = CriteriaPrompts.from_file(cfg.criteria_prompts) if cfg.criteria_prompts else CriteriaPrompts()
@@ -204,7 +255,8 @@ def _run(cfg: EvalConfig, ranks: distributed.DistInfo, group) -> dict | None:
     scorer = load_scorer(cfg, ranks.device)
     heads = resolve_heads(cfg.head, scorer.criteria, pairs, cfg.data)
     hashes = [row_hash(p, s, h) for p, s, h in zip(pairs, systems, heads)]
-    run_fingerprint = fingerprint(cfg, scorer)
+    run_fingerprint = fingerprint(cfg, scorer, model_content.result() if model_content else None,
+                                  data_checksum(cfg.data, pairs))
     out = Path(cfg.output)
     # read the --compare directories now: a wrong one stops the run before any scoring
     entries = reporting.load_entries(cfg.compare, exclude=[out]) if main and cfg.compare else None
@@ -216,8 +268,8 @@ def _run(cfg: EvalConfig, ranks: distributed.DistInfo, group) -> dict | None:
             logger.info("resuming: %d finished rows in %s", found, out / "partial")
         else:
             PartialStore.reset(out)
-            for name in OUTPUT_FILES:  # a fresh run: no stale results beside the new partial files
-                (out / name).unlink(missing_ok=True)
+        for name in OUTPUT_FILES:  # written again at the end: never stale results of another row set meanwhile
+            (out / name).unlink(missing_ok=True)
     distributed.barrier(group)
 
     # this rank's rows: i % world == rank; those finished by an earlier run are skipped
@@ -269,9 +321,11 @@ def _finish(cfg: EvalConfig, pairs, hashes, heads, criteria, dtype: str, entries
     aspect = [p.aspect for p in pairs]
     language = [p.language for p in pairs]
     subset = [p.subset for p in pairs]
-    results = compile_results(chosen, rejected, aspect, language, subset)
+    identical = [p.chosen == p.rejected for p in pairs]
+    results = compile_results(chosen, rejected, aspect, language, subset, identical=identical)
     write_scores_parquet(out / "scores.parquet", [p.id for p in pairs], chosen, rejected, language, aspect, subset)
-    write_results_json(results, out / "results.json")
+    written = write_results_json(results, out / "results.json")
+    checks = written["checks"]
 
     name = cfg.name or Path(cfg.model.rstrip("/")).name
     correct = [c > r for c, r in zip(chosen, rejected)]
@@ -296,6 +350,8 @@ def _finish(cfg: EvalConfig, pairs, hashes, heads, criteria, dtype: str, entries
         "system prompt": system,
         "max length": f"{cfg.max_length} tokens ({cfg.on_overflow} longer sequences)",
         "dtype": dtype,
+        "identical pairs": f"{checks['identical_pairs']} (chosen == rejected: scored alike, counted wrong)",
+        "non-finite scores": f"{checks['non_finite_scores']} pairs (NaN or inf: counted wrong)",
     }
     text = reporting.report_markdown(name, results, settings, aspect, language, correct,
                                      heatmap="report.png" if png else None, leaderboard=leaderboard)
@@ -306,25 +362,41 @@ def _finish(cfg: EvalConfig, pairs, hashes, heads, criteria, dtype: str, entries
           f"mean score difference {o['mean_score_difference']:.4f}")
     for aspect_name, v in results["by_aspect"].items():
         print(f"  {aspect_name:<28} {v['accuracy']:.4f}  ({v['count']})")
+    for line in check_lines(checks, len(pairs)):
+        print(line)
     if leaderboard:
         print("\n" + leaderboard)
     print(f"\nwrote {out / 'results.json'}, {out / 'scores.parquet'}, {out / 'report.md'}"
           + (f", {out / 'report.png'}" if png else ""))
-    return results
+    return written
+
+
+def check_lines(checks: dict, n: int) -> list[str]:
+    """The console lines for results.json's `checks` that are not zero."""
+    lines = []
+    if checks.get("identical_pairs"):
+        lines.append(f"  note: {checks['identical_pairs']} of {n} pairs have chosen == rejected (identical texts): "
+                     "scored alike, so counted wrong (results.json checks.identical_pairs)")
+    if checks.get("non_finite_scores"):
+        lines.append(f"  warning: {checks['non_finite_scores']} of {n} pairs have a non-finite score (NaN or inf): "
+                     "counted wrong, left out of the score differences (results.json checks.non_finite_scores)")
+    if checks.get("null_values"):
+        lines.append(f"  warning: {checks['null_values']} values of results.json are null (not finite)")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------ CLI
 def main(argv: list[str] | None = None) -> int:
-    """`python -m themis_engine.eval ...`: 0 when the run finished, 2 (one line on stderr) on a known error."""
+    """`python -m themis_engine.eval ...`: 0 when the run finished, 2 with one line on stderr on a user
+    error (themis_engine.errors, a file that cannot be read; --debug or THEMIS_DEBUG=1: the traceback too)."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("themis_engine").setLevel(logging.INFO)
-    try:
-        run(parse(argv))
-    except (ConfigError, DataError, EvalError, ResumeError, InputError, CheckpointError,
-            CompareError, OSError) as err:
-        print(f"themis_engine.eval: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    def body(args: list[str]) -> int:
+        run(parse(args))
+        return 0
+
+    return run_cli("themis_engine.eval", body, argv)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,10 @@ class Scorer:
         self.auto_budget = None  # budget.TokenBudget once measured (CUDA, no budget given)
         self.on_overflow = on_overflow
         self.last_report = ScoreReport()  # what the latest call did (also returned by return_report=True)
+        # text in: conversations are encoded in chunks (the first of chunk_sequences sequences, then
+        # doubling) by a producer thread ahead of the device (pipeline=False: the same chunks in turn)
+        self.pipeline = True
+        self.chunk_sequences = 32
         # how from_pretrained was called (its arguments as given), so that an adapter can load the same
         # scorer again in another process (the TRL reward functions pickle as this recipe); None otherwise
         self.load_kwargs: dict | None = None
@@ -102,16 +106,17 @@ class Scorer:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype is None and torch.device(device).type == "cuda":
             dtype = torch.bfloat16
+        from themis_engine.model.folder import check_model_folder
+
+        # config.json, the weights' headers, the tokenizer files and chat template: a named error here,
+        # never a scorer whose tokenizer encodes every text to one token
+        tokenizer = check_model_folder(path, tokenizer)
         model = RewardModel.from_pretrained(path, dtype=dtype, device="cpu" if offload else device,
                                             keep_lm_head=False, quantize=quantize)
         if offload is not None:
             from themis_engine.model.offload import apply_offload
 
             model = apply_offload(model, offload, device)
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         scorer = cls(model, tokenizer, max_length, max_tokens_per_batch, on_overflow)
         scorer.load_kwargs = load_kwargs
         return scorer
@@ -123,9 +128,8 @@ class Scorer:
     # ---------------------------------------------------------------- public scoring methods
     def score(self, conversations: Sequence[Conversation]) -> torch.Tensor:
         """list of chat-message lists (each ending with an assistant turn) -> float32 [N, H]."""
-        counts = _OverflowCounts()
-        ids = self._tokenize_many(list(conversations), [f"conversation {i}" for i in range(len(conversations))], counts)
-        return self._score_groups([[x] for x in ids], counts)[0]
+        convs = list(conversations)
+        return self._score_text_groups([[c] for c in convs], [[f"conversation {i}"] for i in range(len(convs))])[0]
 
     def score_pairs(self, prompts, chosen, rejected, system=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Score (prompt, chosen) and (prompt, rejected); the prompt prefix is computed once per pair.
@@ -134,34 +138,43 @@ class Scorer:
         chosen, rejected: list of str; system: None, a str for all pairs, or one per pair (None to
         omit). Returns (scores of chosen [N, H], scores of rejected [N, H]), float32.
         """
-        n = len(prompts)
-        if len(chosen) != n or len(rejected) != n:
-            raise InputError(f"score_pairs: {n} prompts, {len(chosen)} chosen, {len(rejected)} rejected")
-        out = self.score_groups(prompts, [[c, r] for c, r in zip(chosen, rejected)], system=system)
+        c, r, _ = next(self.score_pairs_stream([(prompts, chosen, rejected, system)]))
+        return c, r
+
+    def score_pairs_stream(self, batches):
+        """score_pairs over an iterable of (prompts, chosen, rejected, system) batches, yielding
+        (chosen [n, H], rejected [n, H], ScoreReport of the batch) per batch, in order. The pipeline
+        runs across the batches: the next batch is encoded while this one runs on the device (the
+        evaluator scores its chunks this way). Batches are read from the iterable as needed."""
+        def groups():
+            for prompts, chosen, rejected, system in batches:
+                n = len(prompts)
+                if len(chosen) != n or len(rejected) != n:
+                    raise InputError(f"score_pairs: {n} prompts, {len(chosen)} chosen, {len(rejected)} rejected")
+                yield self._groups(prompts, [[c, r] for c, r in zip(chosen, rejected)], system)
+
         H = len(self.criteria)
-        if not out:
-            empty = torch.zeros(0, H, dtype=torch.float32)
-            return empty, empty.clone()
-        stacked = torch.stack(out)  # [N, 2, H]
-        return stacked[:, 0].contiguous(), stacked[:, 1].contiguous()
+        for flat, _, report in self._stream(groups()):
+            pairs = flat.view(-1, 2, H)
+            yield pairs[:, 0].contiguous(), pairs[:, 1].contiguous(), report
 
     def score_groups(self, prompts, completions: Sequence[Sequence[str]], system=None) -> list[torch.Tensor]:
         """K_i completions per prompt, scored with the prompt computed once: list of [K_i, H]."""
+        return self._score_text_groups(*self._groups(prompts, completions, system))[1]
+
+    def _groups(self, prompts, completions, system) -> tuple[list, list]:
+        """(conversation groups, their names): prompt i + each of its completions."""
         if len(completions) != len(prompts):
             raise InputError(f"score_groups: {len(prompts)} prompts but {len(completions)} completion lists")
         systems = _per_item(system, len(prompts), "system")
-        counts = _OverflowCounts()
-        groups = []
+        groups, names = [], []
         for i, (prompt, responses) in enumerate(zip(prompts, completions)):
             if isinstance(responses, str) or not len(responses):
                 raise InputError(f"item {i}: completions must be a non-empty list of strings")
             base = _prompt_messages(prompt, systems[i], i)
-            groups.append([(base + [{"role": "assistant", "content": r}], f"item {i}, completion {k}")
-                           for k, r in enumerate(responses)])
-        flat = self._tokenize_many([c for g in groups for c, _ in g], [w for g in groups for _, w in g], counts)
-        sizes = [len(g) for g in groups]
-        starts = np.cumsum([0] + sizes)
-        return self._score_groups([flat[a:b] for a, b in zip(starts[:-1], starts[1:])], counts)[1]
+            groups.append([base + [{"role": "assistant", "content": r}] for r in responses])
+            names.append([f"item {i}, completion {k}" for k in range(len(responses))])
+        return groups, names
 
     def score_token_groups(self, prefix_ids, suffix_ids, return_report: bool = False):
         """Pre-tokenized groups: sequence (i, k) is prefix_ids[i] + suffix_ids[i][k]. -> list of [K_i, H].
@@ -239,51 +252,108 @@ class Scorer:
         return ids[: self.max_length]
 
     # ---------------------------------------------------------------- the packed forward
+    def _score_text_groups(self, conv_groups, name_groups) -> tuple[torch.Tensor, list[torch.Tensor], ScoreReport]:
+        """Conversation groups -> (flat [num_seqs, H], per group, the call's report), through the pipeline."""
+        return next(self._stream([(conv_groups, name_groups)]))
+
+    def _stream(self, batches):
+        """The text-in pipeline. batches: iterable of (conversation groups, their names); yields
+        (flat [num_seqs, H], per group, report) per batch, in order.
+
+        The groups go in chunks of growing size (chunk_sequences sequences, then doubling, up to 16x;
+        a chunk never spans two batches); a producer thread renders and encodes the next chunk (the
+        chat path; the fast tokenizer's batch call runs on every core) while this thread plans the
+        current one and launches its micro-batches; a batch's rewards stay on the device until one
+        copy when its last chunk is launched. `self.pipeline = False` runs the same chunks one after
+        the other: the same micro-batches, so the same scores bit for bit."""
+        def jobs():
+            target = self.chunk_sequences
+            for conv_groups, name_groups in batches:
+                chunks, target = _chunks([len(g) for g in conv_groups], target, 16 * self.chunk_sequences)
+                for j, (lo, hi) in enumerate(chunks):
+                    yield conv_groups, name_groups, lo, hi, j == len(chunks) - 1
+
+        def encode(job):
+            conv_groups, name_groups, lo, hi, last = job
+            counts = _OverflowCounts()
+            flat = self._tokenize_many([c for g in conv_groups[lo:hi] for c in g],
+                                       [w for g in name_groups[lo:hi] for w in g], counts)
+            out, at = [], 0
+            for g in conv_groups[lo:hi]:
+                out.append(flat[at: at + len(g)])
+                at += len(g)
+            return out, counts, lo, last
+
+        state = _CallState()
+        for groups, counts, first, last in _prefetched(jobs(), encode, self.pipeline):
+            self._add_chunk(state, groups, counts, first)
+            if last:
+                yield self._finish(state)
+                state = _CallState()
+
     def _score_groups(self, groups, counts: "_OverflowCounts") -> tuple[torch.Tensor, list[torch.Tensor], ScoreReport]:
-        """groups: list of lists of token-id lists (None = skipped). -> (flat [num_seqs, H], per group,
-        the call's report). `counts`: what the caller's tokenization truncated and skipped."""
-        truncated, skipped = counts.truncated, counts.skipped
-        H = len(self.criteria)
-        sizes = [len(g) for g in groups]
-        flat = torch.full((sum(sizes), H), math.nan, dtype=torch.float32)
+        """Token-id groups (None = skipped) -> (flat [num_seqs, H], per group, the call's report)."""
+        state = _CallState()
+        self._add_chunk(state, groups, counts, 0)
+        return self._finish(state)
+
+    def _add_chunk(self, state: "_CallState", groups, counts: "_OverflowCounts", first: int) -> None:
+        """Plan one chunk of token-id groups (None = skipped) and launch it (first: the index of its
+        first group in the call)."""
+        report = state.report
+        report.truncated += counts.truncated
+        report.skipped += counts.skipped
+        base = sum(state.sizes)
+        state.sizes.extend(len(g) for g in groups)
+        report.ids.extend(s for g in groups for s in g)
         # sequences that were skipped leave their rows NaN; a group keeps its other sequences
-        kept_groups, kept_index = [], []
-        row = 0
+        kept_groups, kept_rows = [], []
+        row = base
         for g in groups:
             live = [(row + k, s) for k, s in enumerate(g) if s is not None]
             if live:
                 kept_groups.append([s for _, s in live])
-                kept_index.extend(r for r, _ in live)
+                kept_rows.extend(r for r, _ in live)
             row += len(g)
-        report = ScoreReport(sequences=row, truncated=truncated, skipped=skipped,
-                             ids=[s for g in groups for s in g])
         if kept_groups:
-            tokens, seq_offsets, group_offsets = packing.flatten_groups(kept_groups)
-            token_budget = self._budget(seq_offsets, group_offsets)
-            try:
-                batches = packing.plan(tokens, seq_offsets, group_offsets, token_budget)
-            except packing.PackingError as err:  # name the caller's item, not the kept-group index
-                raise InputError(_rename_group(str(err), kept_groups, groups)) from None
-            device = self.model.device
-            # rewards stay on the device until the last micro-batch: no host sync inside the loop,
-            # so the host prepares and launches batch i+1 while the device computes batch i
-            out = torch.empty(len(kept_index), H, dtype=torch.float32, device=device)
-            with torch.inference_mode():
-                for b in batches:
-                    inputs = b.to_torch(device, with_seq_ids=True)
-                    seq_ids = inputs.pop("seq_ids")
-                    out.index_copy_(0, seq_ids, self.model(**inputs).float())
-            flat[torch.as_tensor(kept_index, dtype=torch.long)] = out.cpu()
-            report.micro_batches = len(batches)
-            report.tokens_computed = sum(b.num_tokens for b in batches)
-            report.tokens_standalone = int(seq_offsets[-1])
+            state.launched.append((self._launch(kept_groups, groups, first, report), kept_rows))
+
+    def _finish(self, state: "_CallState") -> tuple[torch.Tensor, list[torch.Tensor], ScoreReport]:
+        """One host copy of the call's rewards into the output rows (NaN where skipped)."""
+        report, sizes = state.report, state.sizes
+        report.sequences = sum(sizes)
+        flat = torch.full((report.sequences, len(self.criteria)), math.nan, dtype=torch.float32)
+        if state.launched:
+            rows = torch.as_tensor([r for _, rs in state.launched for r in rs], dtype=torch.long)
+            flat[rows] = torch.cat([out for out, _ in state.launched]).cpu()  # the one host sync of the call
         self.last_report = report
-        if truncated or skipped:
+        if report.truncated or report.skipped:
             logger.warning(
                 "scored %d sequences: %d truncated to max_length=%d, %d skipped (NaN)",
-                row, truncated, self.max_length, skipped,
+                report.sequences, report.truncated, self.max_length, report.skipped,
             )
         return flat, (list(torch.split(flat, sizes)) if sizes else []), report
+
+    def _launch(self, kept_groups, groups, first: int, report: ScoreReport) -> torch.Tensor:
+        """Plan the kept groups into micro-batches and launch them; the rewards [n_kept, H] stay on
+        the device (no host sync: the host prepares batch i+1 while the device computes batch i)."""
+        tokens, seq_offsets, group_offsets = packing.flatten_groups(kept_groups)
+        token_budget = self._budget(seq_offsets, group_offsets)
+        try:
+            batches = packing.plan(tokens, seq_offsets, group_offsets, token_budget)
+        except packing.PackingError as err:  # name the caller's item, not the kept-group index
+            raise InputError(_rename_group(str(err), kept_groups, groups, first)) from None
+        device = self.model.device
+        out = torch.empty(int(len(seq_offsets) - 1), len(self.criteria), dtype=torch.float32, device=device)
+        with torch.inference_mode():
+            for b in batches:
+                inputs = b.to_torch(device, with_seq_ids=True)
+                seq_ids = inputs.pop("seq_ids")
+                out.index_copy_(0, seq_ids, self.model(**inputs).float())
+        report.micro_batches += len(batches)
+        report.tokens_computed += sum(b.num_tokens for b in batches)
+        report.tokens_standalone += int(seq_offsets[-1])
+        return out
 
     def _budget(self, seq_offsets, group_offsets) -> int:
         if self.max_tokens_per_batch is not None:
@@ -309,15 +379,63 @@ class _OverflowCounts:
     skipped: int = 0
 
 
-def _rename_group(message: str, kept_groups, groups) -> str:
-    """Packing errors count groups among the kept ones; map the index back to the caller's item."""
+@dataclass
+class _CallState:
+    """What a call has launched so far: the report, each group's size, (device rewards, their rows)."""
+
+    report: ScoreReport = field(default_factory=ScoreReport)
+    sizes: list = field(default_factory=list)
+    launched: list = field(default_factory=list)
+
+
+def _chunks(sizes: list[int], target: int, cap: int) -> tuple[list[tuple[int, int]], int]:
+    """[lo, hi) group ranges of about `target` sequences, doubling up to `cap` (a small first chunk
+    starts the device early, larger ones keep the packing full); and the next chunk's target."""
+    out, lo, acc = [], 0, 0
+    for i, n in enumerate(sizes):
+        acc += n
+        if acc >= target:
+            out.append((lo, i + 1))
+            lo, acc, target = i + 1, 0, min(2 * target, cap)
+    if lo < len(sizes) or not out:
+        out.append((lo, len(sizes)))
+    return out, target
+
+
+def _prefetched(jobs, work, ahead: bool):
+    """work(job) for each job, in order; with `ahead`, the next job's work runs on a thread while the
+    caller consumes the current result."""
+    if not ahead:
+        for job in jobs:
+            yield work(job)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = iter(jobs)
+    with ThreadPoolExecutor(1, thread_name_prefix="themis-tokenize") as pool:
+        nxt = next(jobs, None)
+        pending = pool.submit(work, nxt) if nxt is not None else None
+        while pending is not None:
+            result = pending.result()
+            try:
+                nxt = next(jobs, None)
+            except BaseException:  # the caller's next batch failed: deliver this result first, then raise
+                yield result
+                raise
+            pending = pool.submit(work, nxt) if nxt is not None else None
+            yield result
+
+
+def _rename_group(message: str, kept_groups, groups, first: int = 0) -> str:
+    """Packing errors count groups among the kept ones of a chunk; map the index back to the caller's
+    item (`first`: the chunk's first group in the call)."""
     import re
 
     m = re.match(r"group (\d+) ", message)
     if not m:
         return message
     kept_to_item = [i for i, g in enumerate(groups) if any(s is not None for s in g)]
-    item = kept_to_item[int(m.group(1))]
+    item = first + kept_to_item[int(m.group(1))]
     return f"item {item}: " + message[m.end():]
 
 

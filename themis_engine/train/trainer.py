@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from themis_engine import distributed
-from themis_engine.data.prompts import CriteriaPrompts
-from themis_engine.errors import TrainingError
+from themis_engine.errors import CheckpointError, TrainingError
 from themis_engine.model import flops
 from themis_engine.model.args import ModelArgs
 from themis_engine.model.decoder import RewardModel
@@ -79,11 +78,15 @@ class Trainer:
         return self._shape_name is None
 
     def _load_tokenizer(self):
-        from transformers import AutoTokenizer
+        from themis_engine.model.folder import check_tokenizer, load_tokenizer
 
         m = self.cfg.model
         if m.tokenizer or self.from_checkpoint:
-            return AutoTokenizer.from_pretrained(m.tokenizer or m.path, trust_remote_code=False)
+            # a folder without tokenizer files, or one whose template cannot render: a named error, never
+            # a one-token tokenizer that trains on nothing
+            tokenizer = load_tokenizer(m.tokenizer or m.path)
+            check_tokenizer(tokenizer, str(m.tokenizer or m.path))
+            return tokenizer
         if not self.cfg.data.synthetic_pairs:
             raise TrainingError(f"model.path is the named shape {m.path!r} (train from scratch) but no "
                                 "model.tokenizer is given and data.synthetic_pairs is 0: nothing to build a "
@@ -110,53 +113,13 @@ class Trainer:
         return names or list(cfg.objective.criteria)
 
     def _prepare_data(self):
-        from themis_engine import data as data_mod
+        """(train store, held-out store, report): token stores built once, mapped by every rank
+        (train/prepare.py)."""
+        from themis_engine.train.prepare import prepare_data
 
-        cfg = self.cfg
-        if cfg.data.synthetic_pairs:
-            from themis_engine.data import synthetic
-
-            pairs = synthetic.make_demo_pairs(cfg.data.synthetic_pairs, seed=cfg.data.seed)
-            train, held = synthetic.split_pairs(pairs, cfg.data.eval_fraction, seed=cfg.data.seed)
-            report = {"rows": len(pairs), "kept": len(pairs), "skipped": 0}
-            if self.tokenizer is None:
-                tok_dir = self.output / "tokenizer"
-                if self.dist.is_main:
-                    synthetic.build_demo_tokenizer(train, tok_dir)
-                distributed.barrier()
-                from transformers import AutoTokenizer
-
-                self.tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-        else:
-            if not cfg.data.train:
-                raise TrainingError("no training data: set data.train (files) or data.synthetic_pairs")
-            criteria = list(self.aspects)
-            train, rep = data_mod.load_pairs(cfg.data.train, cfg.data.schema, cfg.data.columns or None,
-                                             criteria, cfg.data.on_bad_row)
-            report = asdict(rep) if hasattr(rep, "__dataclass_fields__") else dict(rep)
-            if cfg.data.eval:
-                held, _ = data_mod.load_pairs(cfg.data.eval, cfg.data.schema, cfg.data.columns or None,
-                                              criteria, cfg.data.on_bad_row)
-            else:
-                train, held = _split(train, cfg.data.eval_fraction, cfg.data.seed)
-        prompts = (CriteriaPrompts.from_file(cfg.objective.criteria_prompts) if cfg.objective.criteria_prompts
-                   else CriteriaPrompts())
-        cache = cfg.data.cache_dir or str(self.output / "cache")
-        out = []
-        for split_no, pairs in enumerate((train, held)):
-            systems = data_mod.assign_system_prompts(
-                pairs, cfg.objective.heads, list(self.aspects), prompts,
-                tuple(cfg.objective.prompt_proportions), seed=cfg.run.seed + split_no,
-            )
-            # aspect_index indexes self.aspects; with one head every pair trains it (microbatch.pair_mask)
-            tokenized, stats = data_mod.tokenize_pairs(
-                pairs, self.tokenizer, cfg.data.max_length, systems, list(self.aspects), cache_dir=cache,
-            )
-            out.append(tokenized)
-            report[f"{'train' if split_no == 0 else 'eval'}_tokenization"] = stats
-        if not out[0]:
-            raise TrainingError("the training set is empty after filtering")
-        return out[0], out[1], report
+        train, held, report = prepare_data(self.cfg, self.tokenizer, self.aspects, self.dist, self.output)
+        self.tokenizer = report.pop("tokenizer")
+        return train, held, report
 
     def _model_args(self) -> ModelArgs:
         """The named shape with model.overrides; vocab and pad from the tokenizer, one head per criterion."""
@@ -305,12 +268,17 @@ class Trainer:
         self.checkpoints.save(self.step, force=True)
 
     def restore(self) -> bool:
-        """Continue from the newest checkpoint under run.output; False when there is none."""
+        """Continue from the newest checkpoint under run.output that verifies (newer damaged ones are
+        logged and skipped); False when there is none, CheckpointError when none verifies."""
         state = self.checkpoints.load()
         if state is None:
             return False
-        self.step = int(state["step"])
-        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        try:
+            self.step = int(state["step"])
+            torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"the trainer state (trainer.json) of the checkpoint under {self.output} does "
+                                  f"not restore: {type(err).__name__}: {err}") from err
         return True
 
     def export(self) -> Path:
@@ -356,7 +324,7 @@ class Trainer:
                 history.append(metrics)
                 self.checkpoints.save(self.step, last_step=self.step == self.total_steps)
             final = self.evaluate()
-            log.log(self.step, {"final": True, **final})
+            log.log_final(self.step, final)  # once: a resumed finished run does not repeat it
             if cfg.run.export:
                 log.message(f"exported the reward model to {self.export()}")
         finally:
@@ -372,13 +340,6 @@ def _step_sums(loss, bt, lm, mu, H):
     correct = torch.nan_to_num(bt.accuracy.double()) * count
     margin = torch.nan_to_num(bt.mean_margin.double()) * count
     return torch.cat([head.to(count.device), count, correct, margin])
-
-
-def _split(pairs, fraction, seed):
-    n_eval = int(round(len(pairs) * fraction))
-    order = np.random.default_rng(seed).permutation(len(pairs))
-    held = set(order[:n_eval].tolist())
-    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
 
 
 def _init_from_scratch(rm: RewardModel) -> None:
