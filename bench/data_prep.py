@@ -1,7 +1,7 @@
 """The trainer's data preparation at the recipe's lengths: the token store vs a Hugging Face `datasets` map.
 
     python bench/data_prep.py                                  # 2k and 8k pairs, 1 and 2 workers, real Qwen3 tokenizer
-    python bench/data_prep.py --pairs 2000 32000 --workers 2 --json out.json
+    python bench/data_prep.py --pairs "[2000, 32000]" --workers "[2]" --json out.json
 
 For each N: N generated code-preference pairs of the themis-pm recipe's lengths (a prompt of about
 600 tokens, two answers of about 1,150 each: about 2,900 tokens a pair, up to 4096) are written to a
@@ -220,8 +220,12 @@ def _subprocess(name: str, args: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------ the run
+def parse_args(argv=None) -> DataPrepConfig:
+    return harness.parse(DataPrepConfig, argv, prog=PROG, description=__doc__.split("\n\n")[0])
+
+
 def main(argv=None) -> int:
-    opt = harness.parse(DataPrepConfig, argv, prog=PROG, description=__doc__.split("\n\n")[0])
+    opt = parse_args(argv)
     if opt.phase:
         print(json.dumps(run_phase(opt.phase, json.loads(opt.phase_args))))
         return 0

@@ -94,8 +94,12 @@ def crb_like(n: int, seed: int = 0):
     return prompts, chosen, rejected
 
 
+def parse_args(argv=None) -> OverlapConfig:
+    return harness.parse(OverlapConfig, argv, prog=PROG, description=__doc__.split("\n\n")[0])
+
+
 def main(argv=None) -> int:
-    opt = harness.parse(OverlapConfig, argv, prog=PROG, description=__doc__.split("\n\n")[0])
+    opt = parse_args(argv)
     import tempfile
 
     from data_prep import tokenizer_dir
