@@ -46,30 +46,29 @@ def prepare_data(cfg, tokenizer, aspects, dist, output: Path):
                else CriteriaPrompts())
     settings = _settings(cfg, tokenizer, aspects, prompts)
     folders = [root / f"store-{split}-{settings_key(dict(settings, split=split))[:24]}" for split in SPLITS]
-    stores = [open_store(f) for f in folders]
-    if any(s is None for s in stores):
-        if dist.is_main:
-            if synthetic_pairs is not None:
-                train, held = synthetic_pairs
-                report = {"rows": len(train) + len(held), "kept": len(train) + len(held), "skipped": 0}
-            else:
-                train, held, report = _read_pairs(cfg, aspects, data_mod)
-            workers = cfg.data.workers or _cores()
-            for split_no, (pairs, folder) in enumerate(zip((train, held), folders)):
-                systems = data_mod.assign_system_prompts(
-                    pairs, cfg.objective.heads, list(aspects), prompts,
-                    tuple(cfg.objective.prompt_proportions), seed=cfg.run.seed + split_no,
-                )
-                # aspect_index indexes the aspects; with one head every pair trains it (microbatch.pair_mask)
-                build_store(folder, pairs, tokenizer, cfg.data.max_length, systems, list(aspects), workers=workers,
-                            key=settings_key(dict(settings, split=SPLITS[split_no])),
-                            extra={"report": _jsonable(report)} if split_no == 0 else {})
-        # the others wait for rank 0's tokenization (a long one: a CPU-side barrier with a long timeout)
-        distributed.barrier(distributed.gloo_group(timeout=timedelta(hours=12)))
-        stores = [TokenStore(f) for f in folders]
-    train, held = stores
+    # rank 0 alone decides whether to build (every rank deciding on its own could let one skip the
+    # barrier below while another waits at it); the others wait for it, then map the same files
+    if dist.is_main and any(open_store(f) is None for f in folders):
+        if synthetic_pairs is not None:
+            train, held = synthetic_pairs
+            report = {"rows": len(train) + len(held), "kept": len(train) + len(held), "skipped": 0}
+        else:
+            train, held, report = _read_pairs(cfg, aspects, data_mod)
+        workers = cfg.data.workers or _cores()
+        for split_no, (pairs, folder) in enumerate(zip((train, held), folders)):
+            systems = data_mod.assign_system_prompts(
+                pairs, cfg.objective.heads, list(aspects), prompts,
+                tuple(cfg.objective.prompt_proportions), seed=cfg.run.seed + split_no,
+            )
+            # aspect_index indexes the aspects; with one head every pair trains it (microbatch.pair_mask)
+            build_store(folder, pairs, tokenizer, cfg.data.max_length, systems, list(aspects), workers=workers,
+                        key=settings_key(dict(settings, split=SPLITS[split_no])),
+                        extra={"report": _jsonable(report)} if split_no == 0 else {})
+    # every rank: wait for rank 0's tokenization (a long one: a CPU-side barrier with a long timeout)
+    distributed.barrier(distributed.gloo_group(timeout=timedelta(hours=12)))
+    train, held = [TokenStore(f) for f in folders]
     report = dict(train.extra.get("report", {}))
-    for split, store in zip(SPLITS, stores):
+    for split, store in zip(SPLITS, (train, held)):
         report[f"{split}_tokenization"] = dict(store.stats, store=str(store.folder))
     if not len(train):
         raise TrainingError("the training set is empty after filtering")
