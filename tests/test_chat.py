@@ -257,3 +257,18 @@ def test_windowed_probes_equal_whole_renderings(tok):
     convs = [conv(a, system=rng.choice([None, SYSTEM])) for a in answers]
     for e, c in zip(chat.encode(tok, convs), convs):
         assert (e.answer_start, e.closing_start) == reference_spans(tok, c), c[-1]["content"]
+
+
+def test_a_huge_answer_is_cut_before_it_is_rendered(tok, monkeypatch):
+    """Memory follows max_length, not the raw text: an answer far over max_length is cut to
+    CHARS_PER_TOKEN_BOUND * max_length characters before rendering, with the same ids as the long way."""
+    answer = "def f():\n" + "    x = value + 1  # é\n" * 3000  # ~70k characters
+    (whole,) = chat.encode(tok, [conv(answer)])
+    max_length = 300
+    assert len(answer) > chat.CHARS_PER_TOKEN_BOUND * max_length
+    rendered = []
+    real = chat.render
+    monkeypatch.setattr(chat, "render", lambda t, c: rendered.append(len(c[-1]["content"])) or real(t, c))
+    (e,) = chat.encode(tok, [conv(answer)], max_length=max_length)
+    assert max(rendered) <= chat.CHARS_PER_TOKEN_BOUND * max_length
+    assert e.ids == whole.ids[: max_length - 2] + whole.ids[-2:] and e.truncated

@@ -30,7 +30,11 @@ tokens, and then no end-of-turn target.
 The over-length cut (`on_overflow="truncate"`): the last turn's answer is cut from the right in
 token space and the closing tokens are kept, `ids[:max_length - n_closing] + ids[closing_start:]`
 (at least one answer token stays); the prompt is never cut: a prompt that alone does not fit
-(`answer_start + 1 + n_closing > max_length`) is an error naming the item.
+(`answer_start + 1 + n_closing > max_length`) is an error naming the item. An answer of more than
+CHARS_PER_TOKEN_BOUND * max_length characters is first cut to that many characters (then
+`full_length` counts the tokens of that cut text): the same ids for any template that renders the
+answer's start without looking at its end (a Qwen3 answer whose `</think>` lies beyond that point
+is rendered without its think block).
 
 LM targets (`Encoded.targets`): the answer's tokens plus the end-of-turn token (the first closing
 token: `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, ...): the model must learn where its answer ends,
@@ -53,6 +57,10 @@ __all__ = [
 ]
 
 OVERFLOW_POLICIES = ("truncate", "skip", "error")
+# An answer longer than this many characters per token of max_length is cut to that before it is
+# rendered and encoded: it is over max_length whatever its tokens (no real tokenizer makes tokens of
+# 64 characters on average), and memory then follows max_length, not the raw text.
+CHARS_PER_TOKEN_BOUND = 64
 # Probe answers: plain letters no template treats specially, differing in first and last token.
 _PROBES = ("a", "b")
 
@@ -143,6 +151,10 @@ def encode(
         raise ValueError(f"{len(convs)} conversations but {len(whats)} names")
     for conv, what in zip(convs, whats):
         check_conversation(conv, what, error)
+    if max_length is not None:  # memory bounded by max_length, not by the raw text (a 50 MB answer)
+        limit = CHARS_PER_TOKEN_BOUND * max_length
+        convs = [c if len(c[-1]["content"]) <= limit else c[:-1] + [dict(c[-1], content=c[-1]["content"][:limit])]
+                 for c in convs]
     texts = [_render(tokenizer, conv, what, error) for conv, what in zip(convs, whats)]
     ids = encode_many(tokenizer, texts)
     for x, what in zip(ids, whats):
