@@ -156,7 +156,12 @@ def encode(
         convs = [c if len(c[-1]["content"]) <= limit else c[:-1] + [dict(c[-1], content=c[-1]["content"][:limit])]
                  for c in convs]
     texts = [_render(tokenizer, conv, what, error) for conv, what in zip(convs, whats)]
-    ids = encode_many(tokenizer, texts)
+    offsets = None
+    if spans and texts and getattr(tokenizer, "is_fast", False):  # one encoding gives ids and offsets
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = [list(x) for x in enc["input_ids"]], enc["offset_mapping"]
+    else:
+        ids = encode_many(tokenizer, texts)
     for x, what in zip(ids, whats):
         if not x:
             raise error(f"{what}: the chat template produced no tokens")
@@ -166,7 +171,7 @@ def encode(
         raise error(f"{whats[k]}: {len(ids[k])} tokens, over max_length={max_length}")
     need = list(range(len(convs))) if spans else (over if on_overflow == "truncate" else [])
     found = _spans(tokenizer, [convs[k] for k in need], [texts[k] for k in need], [ids[k] for k in need],
-                   [whats[k] for k in need], error)
+                   [whats[k] for k in need], error, None if offsets is None else [offsets[k] for k in need])
     span_of = dict(zip(need, found))
     out: list[Encoded | None] = []
     for k, x in enumerate(ids):
@@ -228,7 +233,7 @@ def _render(tokenizer, conv, what: str, error) -> str:
         raise error(f"{what}: the chat template could not render it ({type(err).__name__}: {err})") from None
 
 
-def _spans(tokenizer, convs, texts, ids, whats, error) -> list[tuple[int, int]]:
+def _spans(tokenizer, convs, texts, ids, whats, error, offsets=None) -> list[tuple[int, int]]:
     """(answer_start, closing_start) of each conversation, from its rendering with probe answers.
 
     The probes are rendered once per prompt (conversations that differ only in the last content share
@@ -245,7 +250,8 @@ def _spans(tokenizer, convs, texts, ids, whats, error) -> list[tuple[int, int]]:
         if key not in probe_convs:
             probe_convs[key] = [conv[:-1] + [dict(conv[-1], content=p)] for p in _PROBES]
     probe_texts = {key: [_render(tokenizer, c, "probe", error) for c in pcs] for key, pcs in probe_convs.items()}
-    offsets = _offsets(tokenizer, texts, ids)
+    if offsets is None:
+        offsets = _offsets(tokenizer, texts, ids)
     added = _added_ids(tokenizer) if offsets is not None else set()
     # one window (or whole text) per (conversation, probe): all encoded in one batched call
     plans, windows = [], []
