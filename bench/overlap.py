@@ -23,7 +23,6 @@ inside the timing), the median; pairs/s and the fraction of the pre-tokenized pa
 
 from __future__ import annotations
 
-import random
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,7 @@ BENCH = str(Path(__file__).resolve().parent)
 if BENCH not in sys.path:  # bench/: the shared harness
     sys.path.insert(0, BENCH)
 import _harness as harness  # noqa: E402
-from data_prep import code_text  # noqa: E402
+from _text import crb_like_texts, tokenizer_dir  # noqa: E402
 
 from themis_engine.config import option  # noqa: E402
 
@@ -86,14 +85,6 @@ class StandInDevice(torch.nn.Module):
         self.device_queue.submit(lambda: None).result()
 
 
-def crb_like(n: int, seed: int = 0):
-    rng = random.Random(seed)
-    prompts = ["Fix this function:\n```\n" + code_text(rng, rng.randint(200, 400)) + "\n```" for _ in range(n)]
-    chosen = [code_text(rng, rng.randint(400, 800)) for _ in range(n)]
-    rejected = [code_text(rng, rng.randint(400, 800)) for _ in range(n)]
-    return prompts, chosen, rejected
-
-
 def parse_args(argv=None) -> OverlapConfig:
     return harness.parse(OverlapConfig, argv, prog=PROG, description=__doc__.split("\n\n")[0])
 
@@ -102,14 +93,13 @@ def main(argv=None) -> int:
     opt = parse_args(argv)
     import tempfile
 
-    from data_prep import tokenizer_dir
     from transformers import AutoTokenizer
 
     import themis_engine as te
 
-    tok_dir, tok_name = tokenizer_dir(opt, Path(tempfile.mkdtemp(prefix="overlap.")))
+    tok_dir, tok_name = tokenizer_dir(opt.tokenizer, Path(tempfile.mkdtemp(prefix="overlap.")))
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    prompts, chosen, rejected = crb_like(opt.pairs)
+    prompts, chosen, rejected = crb_like_texts(opt.pairs)
     criteria = list(te.DEFAULT_CRITERIA)
     model = StandInDevice(criteria, 0.0)
     scorer = te.Scorer(model, tok, max_length=4096, max_tokens_per_batch=opt.max_tokens_per_batch)

@@ -22,6 +22,12 @@ quantized in place to e4m3 with per-channel scales (themis_engine.model.fp8) and
 again on the same pairs and budget: tokens/s, MFU (against the bf16 peak, so the MFU ratio is the
 speed-up), and the FP8 scores' agreement with the bf16 engine's (preferences, correlation).
 --max-tokens-per-batch auto: the budget the Scorer measures from free memory (themis_engine.scoring.budget).
+Text-in (--text, on by default): then both sides are timed again from text, everything included:
+--pairs CRB-like (prompt, chosen, rejected) strings (bench/_text.py: a prompt of 200-400 tokens,
+answers of 400-800; --cpu: 10-30 and 20-60) with the --tokenizer's chat template (the real Qwen3
+one by default; --cpu: the tiny test tokenizer); the engine through `Scorer.score_pairs` (templating and tokenization pipelined
+with the device), transformers by applying the chat template and tokenizing each padded batch
+before its forward. Both report pairs/s; the scores are compared as above.
 
 Training throughput (--mode train), the same recipe on both sides:
 
@@ -95,6 +101,7 @@ BENCH = str(Path(__file__).resolve().parent)
 if BENCH not in sys.path:  # bench/: the shared harness
     sys.path.insert(0, BENCH)
 import _harness as harness  # noqa: E402
+from _text import crb_like_texts, tokenizer_dir  # noqa: E402
 
 import themis_engine as te  # noqa: E402
 from themis_engine import config, distributed  # noqa: E402
@@ -125,6 +132,11 @@ class ThroughputConfig:
     max_tokens_per_batch: Union[int, Literal["auto"]] = option(
         32768, "engine: token budget per micro-batch, or auto (score: measured from free memory by the Scorer)")
     fp8: bool = option(False, "score: also time the engine with FP8 (e4m3) block weights")
+    text: bool = option(True, "score: also time both sides from text (conversations -> scores: templating and "
+                        "tokenization included)")
+    tokenizer: Optional[str] = option(
+        None, "score, text: tokenizer folder (default: the real Qwen3 one where installed, else the tests' tiny one; "
+        "--cpu: the tiny one)")
     repeats: Optional[int] = option(None, "timed repetitions (default: 3 score, 1 train)")
     seed: int = option(0, "workload seed")
     peak_tflops: Optional[float] = option(None, "dense bf16 peak for MFU (default: by card name)")
@@ -297,6 +309,8 @@ def main(argv=None):
             max_abs_diff=float(diff.max()), score_scale=float(hf_scores.abs().mean()),
             preference_agreement=float((pref_eng == pref_hf).float().mean()),
         )
+    if opt.text:
+        rows["text"] = time_text(opt, engine, hf, device, pairs, max_length, budget, repeats)
     if opt.fp8:
         hf = None  # the baseline's memory back before the FP8 run
         rows["fp8"] = time_fp8(engine, scorer, work, warm, eng_scores, device, repeats, flops, unique, peak,
@@ -306,6 +320,71 @@ def main(argv=None):
     engine = hf = scorer = None
     gc.collect()
     return rows
+
+
+def time_text(opt: ThroughputConfig, engine, hf, device, pairs: int, max_length: int, budget, repeats: int) -> dict:
+    """Both sides from text: CRB-like (prompt, chosen, rejected) strings (bench/_text.py) -> scores.
+
+    Engine: `Scorer.score_pairs` (the chat template, the tokenizer, the packing and the forward,
+    pipelined: what the evaluator and the adapters run). Baseline: the chat template applied to
+    [user: prompt, assistant: answer] and the tokenizer called per right-padded batch of
+    --batch-size sequences (chosen 0, rejected 0, chosen 1, ...), then the forward, as a
+    transformers evaluation script does. Both end with the scores on the host."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    tok_dir, tok_name = tokenizer_dir("tiny" if opt.cpu and opt.tokenizer is None else opt.tokenizer,
+                                      Path(tempfile.mkdtemp(prefix="throughput.")))
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    if len(tok) > engine.args.vocab_size:
+        raise ConfigError(f"--tokenizer {tok_dir}: {len(tok)} ids, more than the model's vocabulary "
+                          f"({engine.args.vocab_size})")
+    lengths = dict(prompt_tokens=(10, 30), answer_tokens=(20, 60)) if opt.cpu else {}  # --cpu: max_length 512
+    prompts, chosen, rejected = crb_like_texts(pairs, seed=opt.seed, **lengths)
+    scorer = te.Scorer(engine, tok, max_length=max_length, max_tokens_per_batch=budget)
+
+    def run_engine_text(n=pairs):
+        c, r = scorer.score_pairs(prompts[:n], chosen[:n], rejected[:n])
+        return torch.stack([c, r], 1)  # [n, 2, H]
+
+    convs = [[{"role": "user", "content": p}, {"role": "assistant", "content": a}]
+             for p, c, r in zip(prompts, chosen, rejected) for a in (c, r)]
+
+    def run_baseline_text(n=pairs):
+        rows = []
+        with torch.inference_mode():
+            for i in range(0, 2 * n, opt.batch_size):
+                texts = tok.apply_chat_template(convs[i : min(i + opt.batch_size, 2 * n)], tokenize=False)
+                enc = tok(texts, padding=True, truncation=True, max_length=max_length, add_special_tokens=False,
+                          return_tensors="pt")
+                logits = hf(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)).logits
+                rows.append(logits.float().cpu())
+        return torch.cat(rows).view(n, 2, -1)
+
+    warm = min(8, pairs)
+    run_engine_text(warm)
+    eng_scores = run_engine_text()
+    report = scorer.last_report
+    t_eng = harness.benchmark(run_engine_text, device, repeats=repeats, warmup=0)
+    out = dict(tokenizer=tok_name, pairs=pairs, engine_s=t_eng.median_s, engine_times=t_eng.times_s,
+               engine_pairs_per_s=pairs / t_eng.median_s, computed_tokens=report.tokens_computed,
+               standalone_tokens=report.tokens_standalone, truncated=report.truncated)
+    if hf is not None:
+        pad = hf.config.pad_token_id
+        hf.config.pad_token_id = tok.pad_token_id  # the pooled position: the last token that is not padding
+        try:
+            run_baseline_text(warm)
+            hf_scores = run_baseline_text()
+            t_hf = harness.benchmark(run_baseline_text, device, repeats=repeats, warmup=0)
+        finally:
+            hf.config.pad_token_id = pad
+        pref_eng = eng_scores[:, 0] > eng_scores[:, 1]
+        pref_hf = hf_scores[:, 0] > hf_scores[:, 1]
+        out.update(hf_s=t_hf.median_s, hf_times=t_hf.times_s, hf_pairs_per_s=pairs / t_hf.median_s,
+                   speedup=t_hf.median_s / t_eng.median_s, max_abs_diff=float((eng_scores - hf_scores).abs().max()),
+                   preference_agreement=float((pref_eng == pref_hf).float().mean()))
+    return out
 
 
 def time_fp8(engine, scorer, work, warm, bf16_scores, device, repeats, flops, unique, peak, t_bf16) -> dict:
@@ -369,6 +448,18 @@ def print_table(r):
         print(f"fp8 / bf16 engine: {f['speedup_vs_bf16']:.2f}x | fp8 vs bf16 engine scores: preference agreement "
               f"{f['preference_agreement']:.1%}, correlation {f['score_correlation']:.4f}, max |diff| "
               f"{f['max_abs_diff']:.3g} | weights {f['bytes_saved_gib']:.1f} GiB smaller")
+    if "text" in r:
+        t = r["text"]
+        print(f"\nfrom text ({t['pairs']} CRB-like pairs as strings, tokenizer: {t['tokenizer']}; templating and "
+              f"tokenization included; engine tokens computed {t['computed_tokens']} of {t['standalone_tokens']} "
+              f"standalone, {t['truncated']} truncated):")
+        rows = [["themis_engine, from text", f"{t['engine_pairs_per_s']:.2f}", f"{t['engine_s']:.3f}"]]
+        if "hf_s" in t:
+            rows.append(["transformers, from text", f"{t['hf_pairs_per_s']:.2f}", f"{t['hf_s']:.3f}"])
+        print(harness.markdown_table(["side", "pairs/s", "median s"], rows))
+        if "hf_s" in t:
+            print(f"speedup from text (pairs/s): {t['speedup']:.2f}x | scores: max |diff| {t['max_abs_diff']:.3g}, "
+                  f"preference agreement {t['preference_agreement']:.1%}")
     print(f"token ratio (padded baseline tokens / engine tokens): {r['token_ratio']:.2f} on this run; "
           f"{r['token_ratio_full_workload']:.2f} on the full workload; "
           f"unique {r['unique_tokens']} / standalone {r['standalone_tokens']} / padded {r['padded_tokens']}")

@@ -376,8 +376,9 @@ ENVIRONMENT: dict[str, EnvironmentVariable] = {
     "THEMIS_KERNELS": EnvironmentVariable(
         "auto", ("auto", "triton", "reference", "cuda"),
         "which implementation of each op runs (themis_engine.kernels.backend_for): auto = the Triton kernels on "
-        "CUDA tensors, the PyTorch references elsewhere; triton = the kernels everywhere (under TRITON_INTERPRET=1 "
-        "on a CPU); reference = the references everywhere; cuda = also the experimental CUDA extension ops"),
+        "CUDA tensors; on the CPU PyTorch's fused CPU attention (sdpa) for attention, the PyTorch references for the "
+        "rest; triton = the kernels everywhere (under TRITON_INTERPRET=1 on a CPU); reference = the references "
+        "everywhere; cuda = also the experimental CUDA extension ops"),
     "THEMIS_PLANNER": EnvironmentVariable(
         "", ("", "python"), "python: the pure-Python packing planner even where the C++ one (csrc/) is built"),
     "THEMIS_FP8_COMPILE": EnvironmentVariable(

@@ -46,14 +46,22 @@ def test_throughput_cpu_smoke_mode(capsys, tmp_path):
     data = json.loads(out_json.read_text())
     assert data["env"]["card"] == "cpu" and data["engine_peak_gib"] is None  # NaN written as null
     assert data["unique_tokens"] == rows["unique_tokens"]
+    # from text (on by default): both sides timed, the same scores, the engine computing fewer tokens
+    text = rows["text"]
+    assert "| themis_engine, from text |" in out and "| transformers, from text |" in out
+    assert text["max_abs_diff"] < 1e-4 and text["preference_agreement"] == 1.0
+    assert len(text["engine_times"]) == len(text["hf_times"]) == 2 and text["truncated"] == 0
+    assert 0 < text["computed_tokens"] < text["standalone_tokens"]
+    assert data["text"]["speedup"] == pytest.approx(text["hf_s"] / text["engine_s"])
 
 
 def test_throughput_cpu_fp8_row(capsys):
     rows = load("throughput").main(["--cpu", "--pairs", "4", "--repeats", "1", "--skip-baseline", "--fp8",
-                                    "--max-tokens-per-batch", "auto"])
+                                    "--max-tokens-per-batch", "auto", "--text", "false"])
     out = capsys.readouterr().out
     assert "| themis_engine fp8 (dequantize) |" in out and "fp8 / bf16 engine:" in out
     f = rows["fp8"]
+    assert "text" not in rows and "from text" not in out
     assert f["tokens_per_s"] > 0 and f["score_correlation"] > 0.99 and f["preference_agreement"] >= 0.75
     with pytest.raises(SystemExit):  # the config check refuses a budget that is not positive
         load("throughput").parse_args(["--max-tokens-per-batch", "0"])

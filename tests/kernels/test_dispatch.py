@@ -73,7 +73,8 @@ def test_only_backend_for_reads_themis_kernels():
 def test_dispatch_covers_every_op():
     x = torch.zeros(2, 4)
     for op in kernels.OPS:
-        assert kernels.backend_for(op, x) == "reference", op  # CPU, auto
+        # CPU, auto: PyTorch's fused CPU attention for attention, the references for the rest
+        assert kernels.backend_for(op, x) == ("sdpa" if op in kernels.SDPA_OPS else "reference"), op
     for op in kernels.CUDA_EXT_OPS:
         assert op in kernels.OPS
     assert callable(kernels.implementation("add_rms_norm", x)) and callable(kernels.implementation("score_head", x))
