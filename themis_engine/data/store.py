@@ -47,6 +47,7 @@ logger = logging.getLogger("themis_engine")
 FORMAT = 1
 MANIFEST = "manifest.json"
 TOKENS = "tokens.int32"
+ENCODE_PAIRS = 128  # pairs encoded at a time inside a shard (bounds the tokenizer's transient memory)
 COLUMNS = {  # name -> dtype of the per-pair columns
     "chosen_response_start": np.int32, "rejected_response_start": np.int32, "chosen_target_end": np.int32,
     "prefix_len": np.int32, "aspect_index": np.int32, "language": np.int32, "margin": np.float64,
@@ -271,26 +272,46 @@ def _worker_shard(partial: str, k: int, pairs, systems, lo: int) -> int:
 
 
 def _tokenize_shard(partial: Path, k: int, pairs, systems, lo: int, tokenizer, settings) -> int:
-    """Tokenize one shard and write it (atomically); returns its number of pairs."""
+    """Tokenize one shard and write it (atomically); returns its number of pairs. The shard is
+    encoded in pieces of ENCODE_PAIRS pairs, each turned into arrays at once: the tokenizer's
+    per-token objects and the Python lists of ids never exist for more than one piece (at 2048 pairs
+    at a time they made a 1.9 GiB peak; 0.6 GiB at 128)."""
     stats = dict(pairs=len(pairs), kept=0, truncated=0, skipped_overflow=0, skipped_identical=0, tokens=0)
-    out = _tokenize_chunk(pairs, range(len(pairs)), tokenizer, settings["max_length"], systems,
-                          settings["aspect_of"], settings["on_overflow"], stats)
-    seqs = [s for t in out for s in (t.chosen_ids, t.rejected_ids)]
-    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-    tokens = np.concatenate([np.asarray(s, dtype=np.int32) for s in seqs]) if seqs else np.zeros(0, np.int32)
-    stats["kept"] = len(out)
+    pieces: list[np.ndarray] = []
+    lengths_parts: list[np.ndarray] = []
+    cols: dict[str, list] = {c: [] for c in COLUMNS}
+    languages: list = []
+    code: dict = {}
+    for a in range(0, len(pairs), ENCODE_PAIRS):
+        out = _tokenize_chunk(pairs, range(a, min(a + ENCODE_PAIRS, len(pairs))), tokenizer, settings["max_length"],
+                              systems, settings["aspect_of"], settings["on_overflow"], stats)
+        seqs = [s for t in out for s in (t.chosen_ids, t.rejected_ids)]
+        lengths_parts.append(np.array([len(s) for s in seqs], dtype=np.int64))
+        pieces.extend(np.asarray(s, dtype=np.int32) for s in seqs)
+        for t in out:
+            if t.language not in code:
+                code[t.language] = len(languages)
+                languages.append(t.language)
+            cols["chosen_response_start"].append(t.chosen_response_start)
+            cols["rejected_response_start"].append(t.rejected_response_start)
+            cols["chosen_target_end"].append(t.chosen_target_end)
+            cols["prefix_len"].append(_prefix_len(t.chosen_ids, t.rejected_ids))
+            cols["aspect_index"].append(t.aspect_index)
+            cols["language"].append(code[t.language])
+            cols["margin"].append(t.margin)
+            cols["truncated"].append(t.truncated)
+            cols["index"].append(lo + t.index)
+        stats["kept"] += len(out)
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    lengths = np.concatenate(lengths_parts) if lengths_parts else np.zeros(0, np.int64)
     stats["tokens"] = int(lengths.sum())
-    languages = sorted({t.language for t in out}, key=lambda x: (x is None, x or ""))
-    code = {x: j for j, x in enumerate(languages)}
-    cols = dict(
-        chosen_response_start=[t.chosen_response_start for t in out],
-        rejected_response_start=[t.rejected_response_start for t in out],
-        chosen_target_end=[t.chosen_target_end for t in out],
-        prefix_len=[_prefix_len(t.chosen_ids, t.rejected_ids) for t in out],
-        aspect_index=[t.aspect_index for t in out], language=[code[t.language] for t in out],
-        margin=[t.margin for t in out], truncated=[t.truncated for t in out], index=[lo + t.index for t in out],
-    )
-    arrays = {c: np.asarray(v, dtype=COLUMNS[c]).reshape(len(out)) for c, v in cols.items()}
+    n = stats["kept"]
+    arrays = {c: np.asarray(v, dtype=COLUMNS[c]).reshape(n) for c, v in cols.items()}
+    order = sorted(range(len(languages)), key=lambda j: (languages[j] is None, languages[j] or ""))
+    rank = np.zeros(len(languages), dtype=np.int64)
+    rank[order] = np.arange(len(languages))
+    languages = [languages[j] for j in order]  # the shard's languages sorted, None last
+    arrays["language"] = rank[arrays["language"]].astype(COLUMNS["language"]) if n else arrays["language"]
     meta = json.dumps(dict(stats=stats, languages=languages))
 
     def write(tmp):

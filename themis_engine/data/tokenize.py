@@ -79,7 +79,7 @@ def tokenize_pairs(
     criteria: Sequence[str] | None = None,
     cache_dir: str | os.PathLike | None = None,
     on_overflow: str = "truncate",
-    chunk_size: int = 2048,
+    chunk_size: int = 128,
 ) -> tuple[list[TokenizedPair], dict]:
     """Tokenize pairs with the tokenizer's chat template (as Scorer: render to text, then encode
     without special tokens). system_prompts: the system message per pair (assign_system_prompts);
