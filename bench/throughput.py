@@ -25,9 +25,9 @@ speed-up), and the FP8 scores' agreement with the bf16 engine's (preferences, co
 Text-in (--text, on by default): then both sides are timed again from text, everything included:
 --pairs CRB-like (prompt, chosen, rejected) strings (bench/_text.py: a prompt of 200-400 tokens,
 answers of 400-800; --cpu: 10-30 and 20-60) with the --tokenizer's chat template (the real Qwen3
-one by default; --cpu: the tiny test tokenizer); the engine through `Scorer.score_pairs` (templating and tokenization pipelined
-with the device), transformers by applying the chat template and tokenizing each padded batch
-before its forward. Both report pairs/s; the scores are compared as above.
+one by default; --cpu: the tiny test tokenizer); the engine through `Scorer.score_pairs`
+(templating and tokenization pipelined with the device), transformers by applying the chat
+template and tokenizing each padded batch before its forward. Both report pairs/s; the scores are compared as above.
 
 Training throughput (--mode train), the same recipe on both sides:
 
@@ -358,7 +358,8 @@ def time_text(opt: ThroughputConfig, engine, hf, device, pairs: int, max_length:
                 texts = tok.apply_chat_template(convs[i : min(i + opt.batch_size, 2 * n)], tokenize=False)
                 enc = tok(texts, padding=True, truncation=True, max_length=max_length, add_special_tokens=False,
                           return_tensors="pt")
-                logits = hf(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)).logits
+                ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+                logits = hf(input_ids=ids, attention_mask=mask).logits
                 rows.append(logits.float().cpu())
         return torch.cat(rows).view(n, 2, -1)
 

@@ -7,8 +7,11 @@
     store.py      the token store: tokenized pairs on disk, memory-mapped, built by worker processes
     synthetic.py  the generated multilingual code-preference set of the demo
     workload.py   a seeded CodeRewardBench-shaped token workload for the benchmarks
+    preview.py    what is trained and scored, pair by pair: ids, spans, heads, LM targets (records, text)
+    __main__.py   `python -m themis_engine.data preview`: the preview of a run's rows (--for train / eval)
 """
 
+from themis_engine.data.preview import format_preview, preview_pairs
 from themis_engine.data.prompts import (
     ALL_CRITERIA_PROMPT,
     CRITERION_PROMPTS,
@@ -51,7 +54,7 @@ __all__ = [
     "ALL_CRITERIA_PROMPT", "BAD_ROW_POLICIES", "CRB_COLUMNS", "CRITERION_PROMPTS", "DEFAULT_PROPORTIONS",
     "OVERFLOW_POLICIES", "PROMPT_ALL", "PROMPT_NONE", "PROMPT_OWN", "SCHEMAS", "SYSTEM_PROMPT_MODES", "BadRow",
     "CRBRow", "CriteriaPrompts", "DataError", "LoadReport", "PreferencePair", "TokenizedPair",
-    "assign_system_prompts", "combine_system", "conversations", "draw_prompt_kinds", "load_crb_rows",
-    "load_pairs", "pairs_to_rows", "read_rows", "row_error", "text_field", "tokenize_pairs",
-    "tokenizer_fingerprint", "validate_crb_rows", "write_jsonl", "write_parquet",
+    "assign_system_prompts", "combine_system", "conversations", "draw_prompt_kinds", "format_preview",
+    "load_crb_rows", "load_pairs", "pairs_to_rows", "preview_pairs", "read_rows", "row_error", "text_field",
+    "tokenize_pairs", "tokenizer_fingerprint", "validate_crb_rows", "write_jsonl", "write_parquet",
 ]

@@ -56,6 +56,11 @@ class EvalConfig:
     name: Optional[str] = option(None, "this run's name in the report and leaderboard (default: the model "
                                  "folder's name)")
     progress: bool = option(True, "show a progress bar (pairs/s)")
+    preview: bool = option(True, "before scoring, print the first row as `python -m themis_engine.data preview --for "
+                           "eval` shows it: the rendered conversation, shared prefix, chosen and rejected, system "
+                           "prompt, head and cut")
+    preview_file: bool = option(False, "also write the preview of every row (JSON lines, the fields of `preview "
+                                "--json`) to OUTPUT/preview.jsonl")
     dist_timeout_minutes: int = option(120, "under torchrun: how long a rank waits for the others")
 
     def check(self) -> None:

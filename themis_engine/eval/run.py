@@ -7,6 +7,8 @@
                        model folder's content (safetensors headers + checksums, tokenizer files), the
                        chat template, the data file's content, --limit, dtype, max_length, on_overflow
     load_scorer        the Scorer of a run (the model folder checked first; dtype, max_length, ...)
+    preview_data       the rows as the run scores them (themis_engine.data.preview records): `--preview`
+                       prints the first before scoring, `--preview-file` writes all to OUTPUT/preview.jsonl
     main(argv)         `python -m themis_engine.eval`: 0, or 2 with one line naming the error
 
 Rows are scored in chunks (--chunk-size pairs); each finished chunk is appended to
@@ -246,12 +248,7 @@ def _run(cfg: EvalConfig, ranks: distributed.DistInfo, group) -> dict | None:
     main = ranks.is_main
     # the model folder's checksums are read while the rows and the weights load (zlib lets it run)
     model_content = _Background(content_fingerprint, Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else None
-    pairs = load_pairs(cfg.data, split=cfg.split, limit=cfg.limit)
-    try:
-        prompts = CriteriaPrompts.from_file(cfg.criteria_prompts) if cfg.criteria_prompts else CriteriaPrompts()
-    except (OSError, ValueError) as err:
-        raise EvalError(f"--criteria-prompts: {err}") from None
-    systems = resolve_systems(cfg, prompts, pairs)
+    pairs, systems = rows_and_systems(cfg)
     scorer = load_scorer(cfg, ranks.device)
     heads = resolve_heads(cfg.head, scorer.criteria, pairs, cfg.data)
     hashes = [row_hash(p, s, h) for p, s, h in zip(pairs, systems, heads)]
@@ -270,6 +267,7 @@ def _run(cfg: EvalConfig, ranks: distributed.DistInfo, group) -> dict | None:
             PartialStore.reset(out)
         for name in OUTPUT_FILES:  # written again at the end: never stale results of another row set meanwhile
             (out / name).unlink(missing_ok=True)
+        (out / PREVIEW_FILE).unlink(missing_ok=True)  # written again before scoring with --preview-file
     distributed.barrier(group)
 
     # this rank's rows: i % world == rank; those finished by an earlier run are skipped
@@ -285,6 +283,8 @@ def _run(cfg: EvalConfig, ranks: distributed.DistInfo, group) -> dict | None:
                 f"{cfg.data}, {pairs[i].where()}: scored by the interrupted run with other inputs (its texts, "
                 "system prompt or head changed); run without --resume to start over"
             )
+    if main and (cfg.preview or cfg.preview_file):
+        show_preview(cfg, pairs, systems, heads, scorer.criteria, scorer.tokenizer)
     desc = "scoring pairs" if ranks.world == 1 else f"scoring pairs (rank 0 of {ranks.world})"
     progress = _Progress(len(owned), len(owned) - len(todo), cfg.progress and main, desc)
     store = PartialStore(out, ranks.rank).open(run_fingerprint)
@@ -383,6 +383,78 @@ def check_lines(checks: dict, n: int) -> list[str]:
     if checks.get("null_values"):
         lines.append(f"  warning: {checks['null_values']} values of results.json are null (not finite)")
     return lines
+
+
+# ------------------------------------------------------------------------------------------ preview
+PREVIEW_FILE = "preview.jsonl"
+
+
+def preview_records(cfg: EvalConfig, pairs: list[Pair], systems: list[str | None], heads: list[int],
+                    criteria: list[str], tokenizer, rows=None, first: int | None = 3) -> list[dict]:
+    """The preview records (themis_engine.data.preview) of CRB rows as the evaluator scores them:
+    each row's system prompt (resolve_systems) and head (resolve_heads), the Scorer's max_length and
+    on_overflow. rows: row numbers counted from 1; else the first `first` (0: every row)."""
+    from themis_engine.data.preview import preview_pairs
+    from themis_engine.data.schemas import PreferencePair
+
+    as_pairs = [PreferencePair(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected, aspect=p.aspect,
+                               language=p.language, subset=p.subset, id=str(p.id), source=f"{cfg.data}:row {p.row}")
+                for p in pairs]
+    kind = "own" if cfg.use_aspect_prompts else "all" if cfg.use_system_prompts else "none"
+    return preview_pairs(
+        as_pairs, tokenizer, cfg.max_length, system_prompts=systems, system_kinds=[kind] * len(pairs),
+        head_names=criteria, heads_for=lambda i, _: [heads[i]], rows=rows, first=first, on_overflow=cfg.on_overflow,
+        purpose="eval", what=str(cfg.data),
+    )
+
+
+def preview_data(cfg: EvalConfig, rows=None, first: int | None = 3) -> list[dict]:
+    """The preview records of `cfg`'s rows (preview_records), without loading the weights."""
+    return preview_records(cfg, *preview_inputs(cfg), rows=rows, first=first)
+
+
+def rows_and_systems(cfg: EvalConfig) -> tuple[list[Pair], list[str | None]]:
+    """The rows (--limit kept) and the system prompt of each, as a run scores them."""
+    pairs = load_pairs(cfg.data, split=cfg.split, limit=cfg.limit)
+    try:
+        prompts = CriteriaPrompts.from_file(cfg.criteria_prompts) if cfg.criteria_prompts else CriteriaPrompts()
+    except (OSError, ValueError) as err:
+        raise EvalError(f"--criteria-prompts: {err}") from None
+    systems = resolve_systems(cfg, prompts, pairs)
+    return pairs, systems
+
+
+def preview_inputs(cfg: EvalConfig) -> tuple[list[Pair], list[str | None], list[int], list[str], object]:
+    """(rows, system prompts, heads, head names, tokenizer) as `run` resolves them, without loading
+    the weights: the rows (--limit kept), the model folder's tokenizer (with --chat-template) and its
+    heads (config.json's id2label)."""
+    from themis_engine.model.args import criteria_from_config
+    from themis_engine.model.hf_checkpoint import read_config
+
+    for key in ("model", "data"):
+        if not getattr(cfg, key):
+            raise EvalError(f"{'MODEL' if key == 'model' else '--' + key} is required (see --help)")
+    pairs, systems = rows_and_systems(cfg)
+    # a tokenizer without a chat template is let through: the chat path names the row it cannot render
+    tokenizer = check_model_folder(cfg.model, chat_template=cfg.chat_template, require_chat_template=False)
+    criteria = list(criteria_from_config(read_config(cfg.model)))
+    heads = resolve_heads(cfg.head, criteria, pairs, cfg.data)
+    return pairs, systems, heads, criteria, tokenizer
+
+
+def show_preview(cfg: EvalConfig, pairs, systems, heads, criteria, tokenizer) -> list[dict]:
+    """Rank 0 before scoring: the first row as the preview shows it (--preview), and with
+    --preview-file the preview of every row written to OUTPUT/preview.jsonl."""
+    from themis_engine.data.preview import format_preview, write_jsonl
+
+    records = preview_records(cfg, pairs, systems, heads, criteria, tokenizer, first=0 if cfg.preview_file else 1)
+    if cfg.preview_file:
+        write_jsonl(records, Path(cfg.output) / PREVIEW_FILE)
+        logger.info("wrote the preview of %d rows to %s", len(records), Path(cfg.output) / PREVIEW_FILE)
+    if cfg.preview and records:
+        logger.info("the first row as the model scores it (--preview false: not shown):\n%s",
+                    format_preview(records[:1], tokenizer, color=sys.stderr.isatty()).rstrip("\n"))
+    return records
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -140,6 +140,11 @@ class DataSection:
     synthetic_pairs: int = option(0, "generate this many synthetic code-preference pairs instead of reading "
                                      "files (the demo)")
     seed: int = option(0, "data order and split seed")
+    preview: bool = option(True, "at the start, print one training pair as `python -m themis_engine.data preview` "
+                                 "shows it: the rendered conversation, shared prefix, chosen and rejected, system "
+                                 "prompt, head, cut and LM targets (rank 0; reads the rows of data.train once more)")
+    preview_file: bool = option(False, "also write the preview of every row of data.train (JSON lines, the fields of "
+                                       "`preview --json`) to <output>/preview.jsonl; tokenizes the rows once more")
 
     def check(self) -> None:
         check_number("data.eval_fraction", self.eval_fraction, low=0, high=1, high_open=True)

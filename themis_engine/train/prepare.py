@@ -25,7 +25,7 @@ import numpy as np
 from themis_engine import distributed
 from themis_engine.data.prompts import CriteriaPrompts
 from themis_engine.data.store import FORMAT, TokenStore, build_store, open_store, settings_key, source_fingerprint
-from themis_engine.errors import TrainingError
+from themis_engine.errors import ConfigError, TrainingError
 
 SPLITS = ("train", "eval")
 
@@ -50,10 +50,14 @@ def prepare_data(cfg, tokenizer, aspects, dist, output: Path):
     # barrier below while another waits at it); the others wait for it, then map the same files
     if dist.is_main and any(open_store(f) is None for f in folders):
         if synthetic_pairs is not None:
-            train, held = synthetic_pairs
+            ordered, train, held = synthetic_pairs
             report = {"rows": len(train) + len(held), "kept": len(train) + len(held), "skipped": 0}
         else:
-            train, held, report = _read_pairs(cfg, aspects, data_mod)
+            ordered, train, held, report = _read_pairs(cfg, aspects, data_mod)
+        # the first training pair as `python -m themis_engine.data preview` shows it, kept with the
+        # store: the run prints it at its start (data.preview) without reading the rows again
+        first = preview_records(cfg, tokenizer, ordered, train, held if ordered is not train else [], first=1,
+                                split="train", what="the training data") if train else []
         workers = cfg.data.workers or _cores()
         for split_no, (pairs, folder) in enumerate(zip((train, held), folders)):
             systems = data_mod.assign_system_prompts(
@@ -63,11 +67,12 @@ def prepare_data(cfg, tokenizer, aspects, dist, output: Path):
             # aspect_index indexes the aspects; with one head every pair trains it (microbatch.pair_mask)
             build_store(folder, pairs, tokenizer, cfg.data.max_length, systems, list(aspects), workers=workers,
                         key=settings_key(dict(settings, split=SPLITS[split_no])),
-                        extra={"report": _jsonable(report)} if split_no == 0 else {})
+                        extra={"report": _jsonable(report), "preview": first} if split_no == 0 else {})
     # every rank: wait for rank 0's tokenization (a long one: a CPU-side barrier with a long timeout)
     distributed.barrier(distributed.gloo_group(timeout=timedelta(hours=12)))
     train, held = [TokenStore(f) for f in folders]
     report = dict(train.extra.get("report", {}))
+    report["preview"] = train.extra.get("preview")  # None: a store built without it
     for split, store in zip(SPLITS, (train, held)):
         report[f"{split}_tokenization"] = dict(store.stats, store=str(store.folder))
     if not len(train):
@@ -81,12 +86,13 @@ def _read_pairs(cfg, aspects, data_mod):
     train, rep = data_mod.load_pairs(cfg.data.train, cfg.data.schema, cfg.data.columns or None, criteria,
                                      cfg.data.on_bad_row)
     report = asdict(rep) if hasattr(rep, "__dataclass_fields__") else dict(rep)
+    ordered = train
     if cfg.data.eval:
         held, _ = data_mod.load_pairs(cfg.data.eval, cfg.data.schema, cfg.data.columns or None, criteria,
                                       cfg.data.on_bad_row)
     else:
-        train, held = split_pairs(train, cfg.data.eval_fraction, cfg.data.seed)
-    return train, held, report
+        train, held = split_pairs(ordered, cfg.data.eval_fraction, cfg.data.seed)
+    return ordered, train, held, report
 
 
 def split_pairs(pairs, fraction, seed):
@@ -112,7 +118,7 @@ def _synthetic(cfg, tokenizer, dist, output: Path):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    return (train, held), tokenizer
+    return (pairs, train, held), tokenizer
 
 
 def _settings(cfg, tokenizer, aspects, prompts: CriteriaPrompts) -> dict:
@@ -157,3 +163,130 @@ def _jsonable(x):
     if isinstance(x, (str, int, float, bool)) or x is None:
         return x
     return str(x)
+
+
+# ---------------------------------------------------------------------------------------- the preview
+def head_names(cfg) -> list[str]:
+    """The reward heads of a run. Criteria mode: a classifier checkpoint's own id2label, else
+    objective.criteria. Scalar mode: one head ("reward", or the checkpoint's name for its single head)."""
+    names = None
+    if cfg.model.shape_name() is None:  # a checkpoint folder
+        from themis_engine.model.args import criteria_from_config
+        from themis_engine.model.hf_checkpoint import read_config
+
+        hf = read_config(cfg.model.path)
+        classifier = any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or [])
+        if classifier and hf.get("id2label"):
+            names = list(criteria_from_config(hf))
+    if cfg.objective.heads == "scalar":
+        if names is not None and len(names) != 1:
+            raise TrainingError(f"heads=scalar but {cfg.model.path} has {len(names)} heads ({names})")
+        return names or ["reward"]
+    return names or list(cfg.objective.criteria)
+
+
+def preview_data(cfg, tokenizer=None, rows=None, first: int | None = 3, files: str = "train",
+                 split: str | None = None) -> list[dict]:
+    """The preview records (themis_engine.data.preview) of the run's rows, as the trainer tokenizes
+    them: the rows read as prepare_data reads them, the held-out split drawn the same way, then
+    preview_records.
+
+    tokenizer: None loads the run's (model.tokenizer or the model folder; for the synthetic demo
+    with a named shape, the tokenizer built from the generated pairs, as the trainer builds it).
+    rows: row numbers counted from 1 (DataError for one that is not there); else the first `first`
+    (0: every row). files: "train" (the rows of data.train, or the synthetic pairs) or "eval" (the
+    data.eval files). split: only the rows of that split ("train" or "held-out") count for `first`."""
+    from themis_engine import data as D
+
+    d, o = cfg.data, cfg.objective
+    aspects = head_names(cfg) if o.heads == "criteria" else list(o.criteria)
+    if d.synthetic_pairs:
+        from themis_engine.data import synthetic
+
+        if files != "train":
+            raise ConfigError("data.synthetic_pairs: the synthetic pairs are split by data.eval_fraction; preview "
+                              "them with files='train' (each record names its split)")
+        pairs = synthetic.make_demo_pairs(d.synthetic_pairs, seed=d.seed)
+        train, held = synthetic.split_pairs(pairs, d.eval_fraction, seed=d.seed)
+        what = f"the {len(pairs)} synthetic pairs (data.synthetic_pairs)"
+    else:
+        sources = d.train if files == "train" else d.eval
+        if not sources:
+            raise ConfigError(f"data.{files} is empty: no rows to preview" + (
+                "; the held-out pairs are drawn from data.train (its records name their split)"
+                if files == "eval" else ""))
+        pairs, _ = D.load_pairs(sources, d.schema, d.columns or None, aspects, d.on_bad_row)
+        if files == "eval":
+            train, held = [], pairs
+        elif d.eval:
+            train, held = pairs, []
+        else:
+            train, held = split_pairs(pairs, d.eval_fraction, d.seed)
+        what = ", ".join(map(str, sources))
+    if tokenizer is None:
+        tokenizer = preview_tokenizer(cfg)
+    return preview_records(cfg, tokenizer, pairs, train, held, rows=rows, first=first, split=split, what=what)
+
+
+def preview_records(cfg, tokenizer, pairs, train, held, rows=None, first: int | None = 3, split: str | None = None,
+                    what: str = "the data") -> list[dict]:
+    """The preview records of `pairs` (all rows in order; `train` and `held` its two splits, the same
+    objects): each pair's system prompt drawn for its split with its seed (run.seed + 0 for train,
+    + 1 for the held-out pairs, as prepare_data), its aspect's index among the run's criteria and
+    the heads it trains (microbatch.pair_mask), LM targets when objective.lm_coef > 0. rows, first,
+    split: as preview_data."""
+    from themis_engine import data as D
+    from themis_engine.data.preview import preview_pairs, system_kind
+    from themis_engine.data.prompts import PROMPT_NONE
+    from themis_engine.train import microbatch
+
+    d, o = cfg.data, cfg.objective
+    heads = head_names(cfg)
+    aspects = heads if o.heads == "criteria" else list(o.criteria)
+    prompts = D.CriteriaPrompts.from_file(o.criteria_prompts) if o.criteria_prompts else D.CriteriaPrompts()
+    at = {id(p): i for i, p in enumerate(pairs)}
+    systems, kinds, splits = [None] * len(pairs), ["none"] * len(pairs), ["train"] * len(pairs)
+    for split_no, (name, part) in enumerate((("train", train), ("held-out", held))):
+        texts = D.assign_system_prompts(part, o.heads, list(aspects), prompts, tuple(o.prompt_proportions),
+                                        seed=cfg.run.seed + split_no)  # as prepare_data
+        drawn = (D.draw_prompt_kinds(part, tuple(o.prompt_proportions), seed=cfg.run.seed + split_no)
+                 if o.heads == "scalar" else [PROMPT_NONE] * len(part))
+        for p, text, kind in zip(part, texts, drawn):
+            i = at[id(p)]
+            systems[i], kinds[i], splits[i] = text, system_kind(kind, p.system), name
+    if rows is None and split is not None:
+        rows = [i + 1 for i in range(len(pairs)) if splits[i] == split][: first or None]
+    H = len(heads)
+    return preview_pairs(
+        pairs, tokenizer, d.max_length, system_prompts=systems, system_kinds=kinds, criteria=list(aspects),
+        head_names=heads, heads_for=lambda i, a: np.flatnonzero(microbatch.pair_mask(a, H)).tolist(), splits=splits,
+        rows=rows, first=first, on_overflow="truncate", lm_loss=o.lm_coef > 0, purpose="train", what=what,
+    )
+
+
+def preview_tokenizer(cfg):
+    """The run's tokenizer for preview_data, loaded as the trainer loads it (model.tokenizer or the
+    model folder; for the synthetic demo with a named shape, built from the generated training pairs
+    as prepare_data builds it), without checking its chat template: a template that cannot render is
+    the chat path's DataError naming the row."""
+    from themis_engine.model.folder import load_tokenizer
+
+    m = cfg.model
+    if m.tokenizer or m.shape_name() is None:
+        return load_tokenizer(m.tokenizer or m.path)
+    if not cfg.data.synthetic_pairs:
+        raise TrainingError(f"model.path is the named shape {m.path!r} and no model.tokenizer is given: no tokenizer "
+                            "to preview the data with")
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from themis_engine.data import synthetic
+
+    pairs = synthetic.make_demo_pairs(cfg.data.synthetic_pairs, seed=cfg.data.seed)
+    train, _ = synthetic.split_pairs(pairs, cfg.data.eval_fraction, seed=cfg.data.seed)
+    with tempfile.TemporaryDirectory() as tmp:  # as prepare_data: built from the training pairs, then loaded
+        synthetic.build_demo_tokenizer(train, tmp)
+        return AutoTokenizer.from_pretrained(tmp)
+
+

@@ -8,11 +8,15 @@ optimizer and LR schedule (`optim.py`), checkpoints and their cadence (`checkpoi
 the held-out evaluation (`validate.Validator`) and metrics (`metrics.py`). Under torchrun every rank
 reads a disjoint, deterministic share of every global batch; the model is FSDP2-sharded per block
 with fp32 master weights and, on CUDA, bf16 compute with fp32 gradient reduction.
+
+`preview_data(cfg)` gives the run's rows as the trainer tokenizes them (the records of
+themis_engine.data.preview); `fit` prints one pair that way first (data.preview).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -31,6 +35,7 @@ from themis_engine.train.config import TrainConfig
 from themis_engine.train.metrics import MetricsLogger
 from themis_engine.train.objective import RewardObjective
 from themis_engine.train.parallelize import parallelize
+from themis_engine.train.prepare import head_names, preview_data, preview_tokenizer  # noqa: F401 (the API)
 from themis_engine.train.validate import Validator
 
 __all__ = ["Trainer", "TrainingError"]
@@ -94,23 +99,7 @@ class Trainer:
         return None  # built from the synthetic data in _prepare_data
 
     def _head_names(self) -> list[str]:
-        """Criteria mode: a classifier checkpoint's own id2label, else objective.criteria.
-        Scalar mode: one head ("reward", or the checkpoint's name for its single head)."""
-        cfg = self.cfg
-        names = None
-        if self.from_checkpoint:
-            from themis_engine.model.args import criteria_from_config
-            from themis_engine.model.hf_checkpoint import read_config
-
-            hf = read_config(cfg.model.path)
-            classifier = any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or [])
-            if classifier and hf.get("id2label"):
-                names = list(criteria_from_config(hf))
-        if cfg.objective.heads == "scalar":
-            if names is not None and len(names) != 1:
-                raise TrainingError(f"heads=scalar but {cfg.model.path} has {len(names)} heads ({names})")
-            return names or ["reward"]
-        return names or list(cfg.objective.criteria)
+        return head_names(self.cfg)
 
     def _prepare_data(self):
         """(train store, held-out store, report): token stores built once, mapped by every rank
@@ -300,6 +289,34 @@ class Trainer:
         distributed.barrier()
         return out
 
+    # ------------------------------------------------------------------ the data preview
+    def show_preview(self, log: MetricsLogger | None = None) -> list[dict]:
+        """Rank 0 at the start of fit: one training pair as `python -m themis_engine.data preview`
+        shows it (data.preview: the record prepare_data keeps with the token store, so a restart
+        reads no row for it), and with data.preview_file the preview of every row of data.train
+        written to <output>/preview.jsonl (the rows read and tokenized once more). Returns the
+        records made or shown."""
+        from themis_engine.data.preview import format_preview, write_jsonl
+
+        cfg = self.cfg
+        say = log.message if log is not None else print
+        records = []
+        if cfg.data.preview_file:
+            records = preview_data(cfg, self.tokenizer, first=0)
+            write_jsonl(records, self.output / PREVIEW_FILE)
+        if cfg.data.preview:
+            kept = [r for r in records if r["split"] == "train" and r["status"] == "kept"]
+            shown = kept[:1] or self.data_report.get("preview")
+            if shown is None:  # a store written before the preview was kept with it
+                shown = preview_data(cfg, self.tokenizer, first=1, split="train")
+            if shown:
+                say("one training pair as the model reads it (--data.preview false: not shown):\n"
+                    + format_preview(shown[:1], self.tokenizer, color=sys.stdout.isatty()).rstrip("\n"))
+            records = records or list(shown)
+        if cfg.data.preview_file:
+            say(f"wrote the preview of {len(records)} pairs to {self.output / PREVIEW_FILE}")
+        return records
+
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         """Train to total_steps (first resuming when run.resume), with the evaluations, metrics lines
@@ -312,6 +329,8 @@ class Trainer:
             log.message(f"resumed at step {self.step} of {self.total_steps}")
         log.message(f"training {len(self.train_pairs)} pairs ({len(self.eval_pairs)} held out), "
                     f"{self.total_steps} steps of {cfg.run.global_batch_pairs} pairs, criteria {self.criteria}")
+        if self.dist.is_main and (cfg.data.preview or cfg.data.preview_file):
+            self.show_preview(log)
         self.objective.train()
         history = []
         try:
@@ -330,6 +349,9 @@ class Trainer:
         finally:
             log.close()
         return {"history": history, "final": final}
+
+
+PREVIEW_FILE = "preview.jsonl"
 
 
 def _step_sums(loss, bt, lm, mu, H):
