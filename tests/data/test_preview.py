@@ -167,7 +167,8 @@ def test_the_preview_is_what_the_trainer_trains_on(files, qwen_dir, tok, tmp_pat
     # the store keeps the record of its first training pair (printed at the start of a run, read
     # again on a restart without a row): the preview's own, as JSON
     first_train = next(r for r in records if r["split"] == "train")
-    assert train.extra["preview"] == json.loads(json.dumps([first_train]))
+    assert train.extra["preview"] == {"records": json.loads(json.dumps([first_train])),
+                                      "settings": {"lm_loss": cfg.objective.lm_coef > 0, "heads": heads}}
     assert T.preview_data(cfg, tok, first=1, split="train") == [first_train]
 
     # what the rows show: the cut, the think block, the prefix running into the answers
@@ -254,11 +255,13 @@ def test_cli_subprocess_eval_json(files, rm_dir):
 def test_training_start_prints_one_pair_and_writes_the_file(files, qwen_dir, tok, tmp_path, capsys):
     cfg = train_cfg(files, qwen_dir, "--data.preview_file", "true", "--run.output", tmp_path)
     fake = SimpleNamespace(cfg=cfg, tokenizer=tok, output=tmp_path, data_report={})
-    records = T.Trainer.show_preview(fake)
+    shown = T.Trainer.show_preview(fake)  # no preview kept with a store here: made from the rows
     out = capsys.readouterr().out
     assert "one training pair as the model reads it" in out and out.count("── shared prefix") == 1
     written = [json.loads(x) for x in (tmp_path / T.PREVIEW_FILE).read_text().splitlines()]
-    assert written == records == T.preview_data(cfg, tok, first=0)
+    assert written == T.preview_data(cfg, tok, first=0) and len(written) == len(ROWS)
+    assert shown == [next(r for r in written if r["split"] == "train")]
+    assert f"wrote the preview of {len(ROWS)} pairs" in out
     assert not parse_args(TrainConfig, ["--data.preview", "false"]).data.preview
 
 
@@ -279,6 +282,25 @@ def test_training_start_on_a_built_store_reads_no_row(files, qwen_dir, tok, tmp_
     monkeypatch.setattr(D, "load_pairs", no_rows)
     again = T.Trainer(cfg)
     assert again.show_preview() == first and capsys.readouterr().out == printed
+    monkeypatch.undo()
+    # the same store with the LM loss on: the kept record (no LM targets) is not shown, it is made again
+    assert first[0]["target_mask"] is None
+    lm = train_cfg(files, qwen_dir, "--run.output", tmp_path / "run", "--data.cache_dir", tmp_path / "cache",
+                   "--objective.lm_coef", "0.25")
+    shown = T.Trainer(lm).show_preview()
+    assert shown[0]["lm_loss"] and sum(shown[0]["target_mask"]) > 0 and shown[0]["row"] == first[0]["row"]
+
+
+def test_records_made_a_piece_at_a_time(files, qwen_dir, tok, monkeypatch):
+    """Pieces of ENCODE_PAIRS pairs (a whole-file preview's memory is one piece's) give the same
+    records as one piece, and bad row numbers are named before any record is made."""
+    cfg = train_cfg(files, qwen_dir)
+    whole = T.preview_data(cfg, tok, first=0)
+    monkeypatch.setattr(P, "ENCODE_PAIRS", 2)
+    lazy = T.preview_data(cfg, tok, first=0, lazy=True)
+    assert not isinstance(lazy, list) and list(lazy) == whole
+    with pytest.raises(DataError, match="row 9 does not exist"):
+        T.preview_data(cfg, tok, rows=[9], lazy=True)
 
 
 def test_evaluation_start_prints_one_row_and_writes_the_file(files, rm_dir, tmp_path, caplog):

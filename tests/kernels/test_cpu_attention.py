@@ -280,3 +280,29 @@ def test_scorer_matches_reference_backend(tiny_rm_dir, themis_kernels):
                             *scorer.score_groups(prompts, completions))
     for got, ref in zip(results["auto"], results["reference"]):
         assert (got - ref).abs().max().item() <= 1e-5, (got - ref).abs().max()
+
+
+def test_expanded_gradient_and_strided_inputs():
+    """out.sum() hands the backward an expanded gradient (stride 0) and q, k, v may be views with a
+    strided last dimension: the kernel reads neither as laid out, so both are copied first; the
+    gradients equal the reference's."""
+    meta = pack_groups([(9, [4, 6]), (0, [5])])
+    T = int(meta[0][-1])
+    base = torch.randn(T, 4, 2 * 32, dtype=torch.float64)
+    grads = {}
+    for name, fn in (("sdpa", cpu_attention.attention), ("reference", reference.attention)):
+        leaf = base.clone().requires_grad_()
+        q = leaf[..., ::2]  # a strided last dimension
+        k, v = leaf[:, :2, 1::2], leaf[:, 2:, 1::2]
+        out, _ = fn(q, k, v, *meta[:3], meta[3], 0.2)
+        out.sum().backward()
+        grads[name] = leaf.grad
+    torch.testing.assert_close(grads["sdpa"], grads["reference"], rtol=1e-9, atol=1e-9)
+
+
+def test_no_rows():
+    empty = torch.zeros(0, 4, 16)
+    cu = torch.zeros(1, dtype=torch.int32)
+    none = torch.zeros(0, dtype=torch.int32)
+    out, lse = cpu_attention.attention(empty, empty[:, :2], empty[:, :2], cu, none, none, 0, 0.25)
+    assert out.shape == (0, 4, 16) and lse.shape == (4, 0)

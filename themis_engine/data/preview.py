@@ -80,7 +80,7 @@ the cut and the LM targets marked inline (colours on a terminal, the markers bel
 from __future__ import annotations
 
 import json
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from themis_engine import chat
 from themis_engine.data.prompts import PROMPT_ALL, PROMPT_NONE, PROMPT_OWN
@@ -89,15 +89,23 @@ from themis_engine.data.tokenize import conversations, tokenize_pairs
 from themis_engine.errors import DataError
 from themis_engine.fileio import atomic_write
 
-__all__ = ["PURPOSES", "SYSTEM_KINDS", "format_preview", "lm_target_span", "preview_pairs", "select_rows", "summary",
+__all__ = ["PURPOSES", "SYSTEM_KINDS", "format_preview", "iter_preview_pairs", "lm_target_span", "preview_pairs",
+           "select_rows", "summary",
            "system_kind", "write_jsonl"]
 
 PURPOSES = ("train", "eval")
+ENCODE_PAIRS = 128  # pairs encoded at a time (as the token store's shards are)
 SYSTEM_KINDS = ("none", "row", "all", "own", "all+row", "own+row")
 
 
 # ============================================================================================ records
-def preview_pairs(
+def preview_pairs(pairs: Sequence[PreferencePair], tokenizer, max_length: int, **options) -> list[dict]:
+    """The preview records (module docstring) of some of `pairs`, in the order asked for, as a list
+    (the options: iter_preview_pairs')."""
+    return list(iter_preview_pairs(pairs, tokenizer, max_length, **options))
+
+
+def iter_preview_pairs(
     pairs: Sequence[PreferencePair],
     tokenizer,
     max_length: int,
@@ -114,8 +122,10 @@ def preview_pairs(
     lm_loss: bool = False,
     purpose: str = "train",
     what: str = "the data",
-) -> list[dict]:
-    """The preview records (module docstring) of some of `pairs`, in the order asked for.
+) -> Iterator[dict]:
+    """The preview records (module docstring) of some of `pairs`, in the order asked for, made
+    ENCODE_PAIRS pairs at a time (the memory of a whole-file preview is one piece's, when the
+    records are written as they come: write_jsonl).
 
     system_prompts: the system message of each pair (None: each pair's own `system`), as given to
     tokenize_pairs / Scorer.score_pairs; system_kinds: where each comes from (SYSTEM_KINDS; None:
@@ -137,11 +147,19 @@ def preview_pairs(
     systems = [p.system for p in pairs] if system_prompts is None else list(system_prompts)
     kinds = [system_kind(None, p.system) for p in pairs] if system_kinds is None else list(system_kinds)
 
+    # the rows are checked now (a DataError before any record); the records are made as they are read
+    return (record for lo in range(0, len(chosen_rows), ENCODE_PAIRS)
+            for record in _piece(pairs, chosen_rows[lo : lo + ENCODE_PAIRS], tokenizer, max_length, systems, kinds,
+                                 criteria, head_names, heads_for, splits, on_overflow, lm_loss, purpose))
+
+
+def _piece(pairs, chosen_rows, tokenizer, max_length, systems, kinds, criteria, head_names, heads_for, splits,
+           on_overflow, lm_loss, purpose) -> list[dict]:
     convs, names = [], []
     for i in chosen_rows:
         for side, conv in zip(("chosen", "rejected"), conversations(pairs[i], systems[i])):
             convs.append(conv)
-            names.append(f"{pairs[i].source or f'pair {i}'} ({side})")
+            names.append(f"{pairs[i].source or f'row {i + 1}'} ({side})")
     encoded = chat.encode(tokenizer, convs, max_length, on_overflow, names, DataError, spans=True)
 
     trained = {}
@@ -258,14 +276,21 @@ def system_kind(drawn: str | None, row_system: str | None) -> str:
     return base or "none"
 
 
-def write_jsonl(records: Sequence[dict], path) -> None:
-    """The records as JSON lines (what --json prints), written atomically."""
+def write_jsonl(records: Iterable[dict], path) -> int:
+    """The records as JSON lines (what --json prints), written atomically as they come (an iterator
+    of records is never held whole); returns how many were written."""
+    count = 0
+
     def write(tmp):
+        nonlocal count
+        count = 0
         with open(tmp, "w", encoding="utf-8") as f:
             for rec in records:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                count += 1
 
     atomic_write(path, write)
+    return count
 
 
 # ============================================================================================ text

@@ -390,18 +390,19 @@ PREVIEW_FILE = "preview.jsonl"
 
 
 def preview_records(cfg: EvalConfig, pairs: list[Pair], systems: list[str | None], heads: list[int],
-                    criteria: list[str], tokenizer, rows=None, first: int | None = 3) -> list[dict]:
+                    criteria: list[str], tokenizer, rows=None, first: int | None = 3, lazy: bool = False) -> list[dict]:
     """The preview records (themis_engine.data.preview) of CRB rows as the evaluator scores them:
     each row's system prompt (resolve_systems) and head (resolve_heads), the Scorer's max_length and
-    on_overflow. rows: row numbers counted from 1; else the first `first` (0: every row)."""
-    from themis_engine.data.preview import preview_pairs
+    on_overflow. rows: row numbers counted from 1; else the first `first` (0: every row). lazy: an
+    iterator of the records, made a piece at a time (to write a whole file: write_jsonl)."""
+    from themis_engine.data.preview import iter_preview_pairs, preview_pairs
     from themis_engine.data.schemas import PreferencePair
 
     as_pairs = [PreferencePair(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected, aspect=p.aspect,
                                language=p.language, subset=p.subset, id=str(p.id), source=f"{cfg.data}:row {p.row}")
                 for p in pairs]
     kind = "own" if cfg.use_aspect_prompts else "all" if cfg.use_system_prompts else "none"
-    return preview_pairs(
+    return (iter_preview_pairs if lazy else preview_pairs)(
         as_pairs, tokenizer, cfg.max_length, system_prompts=systems, system_kinds=[kind] * len(pairs),
         head_names=criteria, heads_for=lambda i, _: [heads[i]], rows=rows, first=first, on_overflow=cfg.on_overflow,
         purpose="eval", what=str(cfg.data),
@@ -444,17 +445,21 @@ def preview_inputs(cfg: EvalConfig) -> tuple[list[Pair], list[str | None], list[
 
 def show_preview(cfg: EvalConfig, pairs, systems, heads, criteria, tokenizer) -> list[dict]:
     """Rank 0 before scoring: the first row as the preview shows it (--preview), and with
-    --preview-file the preview of every row written to OUTPUT/preview.jsonl."""
+    --preview-file the preview of every row written to OUTPUT/preview.jsonl as it is made.
+    Returns the records shown."""
     from themis_engine.data.preview import format_preview, write_jsonl
 
-    records = preview_records(cfg, pairs, systems, heads, criteria, tokenizer, first=0 if cfg.preview_file else 1)
+    shown = []
+    if cfg.preview:
+        shown = preview_records(cfg, pairs, systems, heads, criteria, tokenizer, first=1)
+        if shown:
+            logger.info("the first row as the model scores it (--preview false: not shown):\n%s",
+                        format_preview(shown, tokenizer, color=sys.stderr.isatty()).rstrip("\n"))
     if cfg.preview_file:
-        write_jsonl(records, Path(cfg.output) / PREVIEW_FILE)
-        logger.info("wrote the preview of %d rows to %s", len(records), Path(cfg.output) / PREVIEW_FILE)
-    if cfg.preview and records:
-        logger.info("the first row as the model scores it (--preview false: not shown):\n%s",
-                    format_preview(records[:1], tokenizer, color=sys.stderr.isatty()).rstrip("\n"))
-    return records
+        n = write_jsonl(preview_records(cfg, pairs, systems, heads, criteria, tokenizer, first=0, lazy=True),
+                        Path(cfg.output) / PREVIEW_FILE)
+        logger.info("wrote the preview of %d rows to %s", n, Path(cfg.output) / PREVIEW_FILE)
+    return shown
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -105,10 +105,19 @@ def _assemble(pieces: list, T: int, shape, dtype: torch.dtype, device) -> tuple[
         outs.append(o)
         lses.append(l)
         row = a + o.shape[0]
-    if row < T:
+    if row < T or not outs:  # rows after the last segment (or no rows at all: empty out and lse)
         outs.append(torch.zeros((T - row, *shape[1:]), dtype=dtype, device=device))
         lses.append(torch.full((Hq, T - row), float("-inf"), dtype=dtype, device=device))
     return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def _rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`, with the layout the CPU kernels read: each row's last dimension contiguous and
+    no zero strides (an expanded gradient); a copy only where x is not already so."""
+    x = x.to(dtype)
+    if x.stride(-1) != 1 or 0 in x.stride():
+        x = x.contiguous()
+    return x
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -126,7 +135,9 @@ class _CPUAttention(torch.autograd.Function):
         G = Hq // Hkv
         calls = _plan(cu_seqlens, prefix_start, prefix_len)
         cdt = _compute_dtype(q)
-        cq, ck, cv = (x.to(cdt) for x in (q, k, v))  # no copy for float32 inputs
+        # the CPU kernels read the last dimension as contiguous (stride 1) and take the other
+        # strides as given: a copy only for inputs that are not laid out so (no copy for float32 rows)
+        cq, ck, cv = (_rows(x, cdt) for x in (q, k, v))
         pieces = []  # (first row, out rows [n, Hq, D], lse [Hq, n]) per call
         for call in calls:
             a, b = call[1], call[2]
@@ -154,7 +165,8 @@ class _CPUAttention(torch.autograd.Function):
         cdt = out.dtype
         dq, dk, dv = (torch.zeros(x.shape, dtype=cdt, device=x.device) for x in (q, k, v))
         if dout is not None:
-            cq, ck, cv, cdout = (x.to(cdt) for x in (q, k, v, dout))
+            # dout may come expanded (stride 0, from out.sum()): laid out as the kernel reads it first
+            cq, ck, cv, cdout = (_rows(x, cdt) for x in (q, k, v, dout))
             for call in ctx.calls:
                 a, b = call[1], call[2]
                 qa, do, o = (_q_view(x[a:b], Hkv) for x in (cq, cdout, out))

@@ -142,7 +142,8 @@ class DataSection:
     seed: int = option(0, "data order and split seed")
     preview: bool = option(True, "at the start, print one training pair as `python -m themis_engine.data preview` "
                                  "shows it: the rendered conversation, shared prefix, chosen and rejected, system "
-                                 "prompt, head, cut and LM targets (rank 0; reads the rows of data.train once more)")
+                                 "prompt, head, cut and LM targets (rank 0; kept with the token store: a restart "
+                                 "reads no row)")
     preview_file: bool = option(False, "also write the preview of every row of data.train (JSON lines, the fields of "
                                        "`preview --json`) to <output>/preview.jsonl; tokenizes the rows once more")
 

@@ -15,6 +15,7 @@ other ranks wait at a barrier; then every rank maps the same files.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict
 from datetime import timedelta
@@ -28,6 +29,7 @@ from themis_engine.data.store import FORMAT, TokenStore, build_store, open_store
 from themis_engine.errors import ConfigError, TrainingError
 
 SPLITS = ("train", "eval")
+logger = logging.getLogger("themis_engine")
 
 
 def prepare_data(cfg, tokenizer, aspects, dist, output: Path):
@@ -56,8 +58,7 @@ def prepare_data(cfg, tokenizer, aspects, dist, output: Path):
             ordered, train, held, report = _read_pairs(cfg, aspects, data_mod)
         # the first training pair as `python -m themis_engine.data preview` shows it, kept with the
         # store: the run prints it at its start (data.preview) without reading the rows again
-        first = preview_records(cfg, tokenizer, ordered, train, held if ordered is not train else [], first=1,
-                                split="train", what="the training data") if train else []
+        first = _first_preview(cfg, tokenizer, ordered, train, held if ordered is not train else [])
         workers = cfg.data.workers or _cores()
         for split_no, (pairs, folder) in enumerate(zip((train, held), folders)):
             systems = data_mod.assign_system_prompts(
@@ -79,6 +80,32 @@ def prepare_data(cfg, tokenizer, aspects, dist, output: Path):
         raise TrainingError("the training set is empty after filtering")
     report["tokenizer"] = tokenizer
     return train, held, report
+
+
+def preview_settings(cfg) -> dict:
+    """What a stored preview record depends on beyond the store's key: the LM loss and the heads."""
+    return {"lm_loss": cfg.objective.lm_coef > 0, "heads": head_names(cfg)}
+
+
+def _first_preview(cfg, tokenizer, ordered, train, held) -> dict:
+    """The preview of the first training pair with the settings it was made for, kept in the train
+    store's manifest. A preview that fails is logged and left out: it never stops the run."""
+    try:
+        records = preview_records(cfg, tokenizer, ordered, train, held, first=1, split="train",
+                                  what="the training data") if train else []
+    except Exception as err:  # noqa: BLE001 (the run goes on; the preview command shows the error)
+        logger.warning("the data preview failed (%s); `python -m themis_engine.data preview` shows it", err)
+        return {"records": [], "settings": None}
+    return {"records": records, "settings": preview_settings(cfg)}
+
+
+def stored_preview(cfg, report: dict) -> list[dict] | None:
+    """The first training pair's preview kept with the store, or None when there is none or it was
+    made for another LM-loss or heads setting (then the caller makes it again)."""
+    kept = report.get("preview")
+    if not isinstance(kept, dict) or kept.get("settings") != preview_settings(cfg):
+        return None
+    return kept["records"]
 
 
 def _read_pairs(cfg, aspects, data_mod):
@@ -186,7 +213,7 @@ def head_names(cfg) -> list[str]:
 
 
 def preview_data(cfg, tokenizer=None, rows=None, first: int | None = 3, files: str = "train",
-                 split: str | None = None) -> list[dict]:
+                 split: str | None = None, lazy: bool = False) -> list[dict]:
     """The preview records (themis_engine.data.preview) of the run's rows, as the trainer tokenizes
     them: the rows read as prepare_data reads them, the held-out split drawn the same way, then
     preview_records.
@@ -195,7 +222,8 @@ def preview_data(cfg, tokenizer=None, rows=None, first: int | None = 3, files: s
     with a named shape, the tokenizer built from the generated pairs, as the trainer builds it).
     rows: row numbers counted from 1 (DataError for one that is not there); else the first `first`
     (0: every row). files: "train" (the rows of data.train, or the synthetic pairs) or "eval" (the
-    data.eval files). split: only the rows of that split ("train" or "held-out") count for `first`."""
+    data.eval files). split: only the rows of that split ("train" or "held-out") count for `first`.
+    lazy: an iterator of the records, made a piece at a time (to write a whole file: write_jsonl)."""
     from themis_engine import data as D
 
     d, o = cfg.data, cfg.objective
@@ -225,18 +253,19 @@ def preview_data(cfg, tokenizer=None, rows=None, first: int | None = 3, files: s
         what = ", ".join(map(str, sources))
     if tokenizer is None:
         tokenizer = preview_tokenizer(cfg)
-    return preview_records(cfg, tokenizer, pairs, train, held, rows=rows, first=first, split=split, what=what)
+    return preview_records(cfg, tokenizer, pairs, train, held, rows=rows, first=first, split=split, what=what,
+                           lazy=lazy)
 
 
 def preview_records(cfg, tokenizer, pairs, train, held, rows=None, first: int | None = 3, split: str | None = None,
-                    what: str = "the data") -> list[dict]:
+                    what: str = "the data", lazy: bool = False) -> list[dict]:
     """The preview records of `pairs` (all rows in order; `train` and `held` its two splits, the same
     objects): each pair's system prompt drawn for its split with its seed (run.seed + 0 for train,
     + 1 for the held-out pairs, as prepare_data), its aspect's index among the run's criteria and
     the heads it trains (microbatch.pair_mask), LM targets when objective.lm_coef > 0. rows, first,
-    split: as preview_data."""
+    split, lazy: as preview_data."""
     from themis_engine import data as D
-    from themis_engine.data.preview import preview_pairs, system_kind
+    from themis_engine.data.preview import iter_preview_pairs, preview_pairs, system_kind
     from themis_engine.data.prompts import PROMPT_NONE
     from themis_engine.train import microbatch
 
@@ -257,7 +286,7 @@ def preview_records(cfg, tokenizer, pairs, train, held, rows=None, first: int | 
     if rows is None and split is not None:
         rows = [i + 1 for i in range(len(pairs)) if splits[i] == split][: first or None]
     H = len(heads)
-    return preview_pairs(
+    return (iter_preview_pairs if lazy else preview_pairs)(
         pairs, tokenizer, d.max_length, system_prompts=systems, system_kinds=kinds, criteria=list(aspects),
         head_names=heads, heads_for=lambda i, a: np.flatnonzero(microbatch.pair_mask(a, H)).tolist(), splits=splits,
         rows=rows, first=first, on_overflow="truncate", lm_loss=o.lm_coef > 0, purpose="train", what=what,

@@ -19,6 +19,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from themis_engine.train.config import TrainConfig
 from themis_engine.train.metrics import MetricsLogger
 from themis_engine.train.objective import RewardObjective
 from themis_engine.train.parallelize import parallelize
-from themis_engine.train.prepare import head_names, preview_data, preview_tokenizer  # noqa: F401 (the API)
+from themis_engine.train.prepare import head_names, preview_data, preview_tokenizer, stored_preview  # noqa: F401
 from themis_engine.train.validate import Validator
 
 __all__ = ["Trainer", "TrainingError"]
@@ -294,28 +295,24 @@ class Trainer:
         """Rank 0 at the start of fit: one training pair as `python -m themis_engine.data preview`
         shows it (data.preview: the record prepare_data keeps with the token store, so a restart
         reads no row for it), and with data.preview_file the preview of every row of data.train
-        written to <output>/preview.jsonl (the rows read and tokenized once more). Returns the
-        records made or shown."""
+        written to <output>/preview.jsonl as it is made (the rows read and tokenized once more).
+        Returns the records shown."""
         from themis_engine.data.preview import format_preview, write_jsonl
 
         cfg = self.cfg
         say = log.message if log is not None else print
-        records = []
-        if cfg.data.preview_file:
-            records = preview_data(cfg, self.tokenizer, first=0)
-            write_jsonl(records, self.output / PREVIEW_FILE)
+        shown: list[dict] = []
         if cfg.data.preview:
-            kept = [r for r in records if r["split"] == "train" and r["status"] == "kept"]
-            shown = kept[:1] or self.data_report.get("preview")
-            if shown is None:  # a store written before the preview was kept with it
+            shown = stored_preview(cfg, self.data_report)
+            if shown is None:  # no record with the store, or one made for another LM loss or heads
                 shown = preview_data(cfg, self.tokenizer, first=1, split="train")
             if shown:
                 say("one training pair as the model reads it (--data.preview false: not shown):\n"
                     + format_preview(shown[:1], self.tokenizer, color=sys.stdout.isatty()).rstrip("\n"))
-            records = records or list(shown)
         if cfg.data.preview_file:
-            say(f"wrote the preview of {len(records)} pairs to {self.output / PREVIEW_FILE}")
-        return records
+            n = write_jsonl(preview_data(cfg, self.tokenizer, first=0, lazy=True), self.output / PREVIEW_FILE)
+            say(f"wrote the preview of {n} pairs to {self.output / PREVIEW_FILE}")
+        return shown
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -329,8 +326,11 @@ class Trainer:
             log.message(f"resumed at step {self.step} of {self.total_steps}")
         log.message(f"training {len(self.train_pairs)} pairs ({len(self.eval_pairs)} held out), "
                     f"{self.total_steps} steps of {cfg.run.global_batch_pairs} pairs, criteria {self.criteria}")
-        if self.dist.is_main and (cfg.data.preview or cfg.data.preview_file):
-            self.show_preview(log)
+        if cfg.data.preview or cfg.data.preview_file:
+            if self.dist.is_main:
+                self.show_preview(log)
+            # the other ranks wait on the CPU (a whole-file preview can take long), not in a collective
+            distributed.barrier(distributed.gloo_group(timeout=timedelta(hours=12)))
         self.objective.train()
         history = []
         try:
