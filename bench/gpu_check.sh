@@ -18,8 +18,10 @@
 #                     rest, less the slow no-GPU sm_90 compile check), then `tests -m gpu` outside
 #                     tests/kernels. 32 kernel tests took 159 s serially.
 #   kernels  140/150  bench/kernel_ops.py (its own budget: 130 s): every kernel vs eager / SDPA / FlexAttention
-#   tp06      45/90   scoring, qwen3-0.6b, engine vs transformers (about 40 s before)
-#   tp8       70/120  scoring, qwen3-8b, engine vs transformers (about 60 s before)
+#   tp06      70/120  scoring, qwen3-0.6b, engine vs transformers, pre-tokenized then from text (about
+#                     40 s before the text-in runs were added; their time is an estimate)
+#   tp8      100/160  scoring, qwen3-8b, engine vs transformers, pre-tokenized then from text (about 60 s
+#                     before the text-in runs)
 #   cuda      60/120  the CUDA scoring kernels (csrc/cuda): build with nvcc, each vs its Triton/PyTorch path
 #   tr17      90/150  training steps, qwen3-1.7b, engine vs transformers (never ran yet)
 #   tr8      120/200  training steps, qwen3-8b (never ran yet; a lean setting if it runs out of memory)
@@ -28,7 +30,7 @@
 #   sweep     60/120  attention tile candidates timed (bench/attention_sweep.py; not in the default list)
 # Correctness first. All steps need about 13 minutes: more than one call (10 minutes at most) and,
 # with the start-up, about a whole session's device time (15 minutes). Split them, e.g. call 1:
-# STEPS="tests kernels tp06 tp8" (about 7 minutes); call 2: STEPS="cuda tr17 tr8 tp32 stream".
+# STEPS="tests kernels tp06 tp8" (about 8 minutes); call 2: STEPS="cuda tr17 tr8 tp32 stream".
 set -uo pipefail
 OUT=${OUT:-/tmp/themis_gpu_check}
 LOGS=${LOGS:-/tmp/themis_gpu_logs}
@@ -101,11 +103,11 @@ for s in $STEPS; do
   case $s in
     tests)   run_tests ;;
     kernels) step kernels 140 150 python3 bench/kernel_ops.py --json "$LOGS/kernels.json" ;;
-    tp06)    step tp06 45 90 python3 bench/throughput.py --model qwen3-0.6b --pairs 256 --json "$LOGS/tp06.json"
+    tp06)    step tp06 70 120 python3 bench/throughput.py --model qwen3-0.6b --pairs 256 --json "$LOGS/tp06.json"
              # if a kernel fails on the card, still measure the engine on the references
              grep -q "^| themis_engine" "$LOGS/tp06.log" 2>/dev/null || THEMIS_KERNELS=reference step tp06ref 45 90 \
-               python3 bench/throughput.py --model qwen3-0.6b --pairs 128 --json "$LOGS/tp06ref.json" ;;
-    tp8)     step tp8 70 120 python3 bench/throughput.py --model qwen3-8b --pairs 64 --repeats 2 --json "$LOGS/tp8.json" ;;
+               python3 bench/throughput.py --model qwen3-0.6b --pairs 128 --text false --json "$LOGS/tp06ref.json" ;;
+    tp8)     step tp8 100 160 python3 bench/throughput.py --model qwen3-8b --pairs 64 --repeats 2 --json "$LOGS/tp8.json" ;;
     cuda)    step cuda 60 120 python3 -m themis_engine.kernels.cuda_ext --bench ;;
     tr17)    step tr17 90 150 python3 bench/throughput.py --mode train --model qwen3-1.7b --steps 4 --global-batch 32 \
                --json "$LOGS/tr17.json" ;;
@@ -116,7 +118,7 @@ for s in $STEPS; do
                --mode train --model qwen3-8b --steps 1 --global-batch 32 --optimizer sgd --hf-micro-pairs 1 \
                --max-tokens-per-batch 16384 --json "$LOGS/tr8lean.json" ;;
     tp32)    step tp32 120 200 python3 bench/throughput.py --model qwen3-32b --pairs 48 --repeats 2 --skip-baseline \
-               --fp8 --max-tokens-per-batch auto --json "$LOGS/tp32.json" ;;
+               --fp8 --max-tokens-per-batch auto --text false --json "$LOGS/tp32.json" ;;
     sweep)   step sweep 60 120 python3 bench/attention_sweep.py --json "$LOGS/sweep.json" ;;
     stream)  step stream 60 120 python3 bench/large_models.py --model qwen3-32b --streaming-only --pairs 32 \
                --json "$LOGS/stream.json" ;;

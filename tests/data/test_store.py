@@ -5,6 +5,7 @@ without reading a row and trains exactly as on the in-memory pairs."""
 from __future__ import annotations
 
 import filecmp
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +46,31 @@ def test_the_store_holds_what_tokenize_pairs_returns(demo, tmp_path):
     # opened again from disk (what every later run and every other rank does)
     again = S.TokenStore(tmp_path / "s")
     assert again[7].chosen_ids.tolist() == ref[7].chosen_ids and again[-1].index == ref[-1].index
+
+
+def test_the_token_file_is_read_not_mapped(demo, tmp_path):
+    """Reading every pair maps no page of the token file (a mapping would count every page a run
+    touches, and the read-ahead around it, in the process's RSS: growing with the data set), and a
+    store handed to another process (pickled, or forked) reads the same ids with its own descriptor."""
+    import multiprocessing as mp
+    import pickle
+
+    pairs, tok, systems, criteria = demo
+    store = S.build_store(tmp_path / "s", pairs, tok, 160, systems, criteria, progress=False)
+    ids = [(p.chosen_ids.tolist(), p.rejected_ids.tolist()) for p in store]
+    assert sum(len(c) + len(r) for c, r in ids) == store.manifest["tokens"]
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(tmp_path / "s" / S.TOKENS) not in maps.read_text()
+    copy = pickle.loads(pickle.dumps(store))
+    assert [(p.chosen_ids.tolist(), p.rejected_ids.tolist()) for p in copy] == ids
+    if "fork" in mp.get_all_start_methods():
+        with mp.get_context("fork").Pool(1) as pool:
+            assert pool.apply(_read_all, (store,)) == ids
+
+
+def _read_all(store):
+    return [(p.chosen_ids.tolist(), p.rejected_ids.tolist()) for p in store]
 
 
 def test_workers_write_the_same_files_as_one_process(demo, tmp_path):

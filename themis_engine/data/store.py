@@ -1,8 +1,8 @@
-"""The token store: a split's tokenized pairs on disk, memory-mapped, written once.
+"""The token store: a split's tokenized pairs on disk, written once, read a pair at a time.
 
     store = build_store(folder, pairs, tokenizer, max_length, systems, criteria, workers=8)
-    store = TokenStore(folder)           # later runs, every rank: maps the files, reads no row
-    p = store[i]                         # StoredPair: chosen_ids / rejected_ids are int32 views
+    store = TokenStore(folder)           # later runs, every rank: opens the files, reads no row
+    p = store[i]                         # StoredPair: chosen_ids / rejected_ids are int32 arrays
 
 A store is a folder:
 
@@ -15,8 +15,10 @@ A store is a folder:
                          truncated, index (the pair's position in the list it was built from)
 
 It is built in a temporary folder and renamed into place, so a folder with a manifest is complete;
-`TokenStore` checks the files against the manifest when it opens them. Host memory while training
-is what the pages touched need, independent of the data set's size: no Python list of token ids.
+`TokenStore` checks the files against the manifest when it opens them. The per-pair columns and
+offsets are memory-mapped (a few dozen bytes a pair); the token file is read pair by pair with
+pread, never mapped (TokenStore.read_tokens): host memory while training is the batch in hand,
+independent of the data set's size, and no Python list of token ids exists.
 
 Building tokenizes shards of pairs in worker processes (the chat path, themis_engine.chat, the same
 code as `tokenize_pairs`), each shard written to `<folder>.partial/` as it completes, and merges
@@ -91,8 +93,7 @@ class TokenStore(Sequence):
             if not f.is_file() or f.stat().st_size != size:
                 raise DataError(f"{f}: missing or not the size its manifest says ({size} bytes)")
         n, n_tokens = self.manifest["pairs"], self.manifest["tokens"]
-        self.tokens = (np.memmap(self.folder / TOKENS, dtype=np.int32, mode="r", shape=(n_tokens,)) if n_tokens
-                       else np.zeros(0, np.int32))
+        self._fd: tuple[int, int] | None = None  # (pid, descriptor) of the token file, opened on first read
         self.offsets = np.load(self.folder / "offsets.npy", mmap_mode="r")
         self.columns = {c: np.load(self.folder / f"{c}.npy", mmap_mode="r") for c in COLUMNS}
         if len(self.offsets) != 2 * n + 1 or int(self.offsets[-1]) != n_tokens or any(
@@ -110,8 +111,9 @@ class TokenStore(Sequence):
         i %= n
         o, c = self.offsets, self.columns
         a, b, e = int(o[2 * i]), int(o[2 * i + 1]), int(o[2 * i + 2])
+        ids = self.read_tokens(a, e)
         return StoredPair(
-            chosen_ids=self.tokens[a:b], rejected_ids=self.tokens[b:e],
+            chosen_ids=ids[: b - a], rejected_ids=ids[b - a :],
             chosen_response_start=int(c["chosen_response_start"][i]),
             rejected_response_start=int(c["rejected_response_start"][i]),
             chosen_target_end=int(c["chosen_target_end"][i]), prefix_len=int(c["prefix_len"][i]),
@@ -119,6 +121,34 @@ class TokenStore(Sequence):
             language=self.languages[int(c["language"][i])], truncated=bool(c["truncated"][i]),
             index=int(c["index"][i]),
         )
+
+    def read_tokens(self, start: int, stop: int) -> np.ndarray:
+        """Tokens start..stop-1 of the flat token file, read with one pread (int32). The token file is
+        read, never mapped: a mapping would count every page a run touched (and the kernel's
+        read-ahead around it) in the process's resident memory, which then grows with the data set
+        over an epoch; read pages stay in the page cache, shared by the ranks, and cost no RSS."""
+        if stop <= start:
+            return np.zeros(0, np.int32)
+        pid = os.getpid()
+        if self._fd is None or self._fd[0] != pid:  # first read, or a forked child: its own descriptor
+            self._fd = (pid, os.open(self.folder / TOKENS, os.O_RDONLY))
+        want = 4 * (stop - start)
+        buf = os.pread(self._fd[1], want, 4 * start)
+        if len(buf) != want:
+            raise DataError(f"{self.folder / TOKENS}: {len(buf)} bytes where {want} were expected at token {start} "
+                            "(the file changed after the store was opened)")
+        return np.frombuffer(buf, dtype=np.int32)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None}  # a descriptor does not travel to another process
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None and fd[0] == os.getpid():
+            try:
+                os.close(fd[1])
+            except OSError:
+                pass
 
     def __iter__(self) -> Iterator[StoredPair]:
         for i in range(len(self)):
