@@ -197,6 +197,7 @@ def main(argv=None) -> int:
     except ImportError:
         have_datasets = False
     env = harness.environment(torch.device("cpu"), "data_prep.py", argv)
+    env["timing"] = "perf_counter and getrusage, one run per cell, each phase in a fresh process (a CPU measurement)"
     rows, results = [], []
     for n in opt.pairs:
         data = work / f"pairs-{n}.jsonl"
