@@ -132,7 +132,7 @@ def backend_for(op: str, x) -> str:
     if (requested == "cuda" and op in CUDA_EXT_OPS and x.is_cuda and x.dtype == torch.bfloat16
             and not torch.is_grad_enabled()):
         return "cuda"
-    if requested != "triton" and x.device.type == "cpu" and op in SDPA_OPS and _SDPA_AVAILABLE:
+    if requested != "triton" and not x.is_cuda and x.device.type == "cpu" and op in SDPA_OPS and _SDPA_AVAILABLE:
         return "sdpa"
     if requested != "triton" and (not x.is_cuda or op in AWAITING_GPU_VALIDATION):
         return "reference"
