@@ -334,9 +334,11 @@ def time_text(opt: ThroughputConfig, engine, hf, device, pairs: int, max_length:
 
     from transformers import AutoTokenizer
 
-    tok_dir, tok_name = tokenizer_dir("tiny" if opt.cpu and opt.tokenizer is None else opt.tokenizer,
-                                      Path(tempfile.mkdtemp(prefix="throughput.")))
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    with tempfile.TemporaryDirectory(prefix="throughput.") as tmp:  # where a tiny tokenizer is built
+        tok_dir, tok_name = tokenizer_dir("tiny" if opt.cpu and opt.tokenizer is None else opt.tokenizer, Path(tmp))
+        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    if tok.pad_token is None:  # the baseline pads its batches
+        tok.pad_token = tok.eos_token
     if len(tok) > engine.args.vocab_size:
         raise ConfigError(f"--tokenizer {tok_dir}: {len(tok)} ids, more than the model's vocabulary "
                           f"({engine.args.vocab_size})")

@@ -114,7 +114,9 @@ def preview_command(argv: list[str]) -> int:
     from themis_engine.data.preview import format_preview, write_jsonl
 
     records, tokenizer, cfg = preview_from_args(argv)
-    if cfg.json:
+    if cfg.json and cfg.write:
+        text = ""  # write_jsonl below writes the records itself
+    elif cfg.json:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     else:
         color = cfg.color == "always" or (cfg.color == "auto" and not cfg.write and sys.stdout.isatty()
