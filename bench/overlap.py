@@ -39,6 +39,7 @@ import _harness as harness  # noqa: E402
 from _text import crb_like_texts, tokenizer_dir  # noqa: E402
 
 from themis_engine.config import option  # noqa: E402
+from themis_engine.packing import planner as packing  # noqa: E402
 
 PROG = "python bench/overlap.py"
 
@@ -109,9 +110,7 @@ def main(argv=None) -> int:
     prefix, suffixes = [], []
     for k in range(opt.pairs):
         c, r = enc[2 * k].ids, enc[2 * k + 1].ids
-        n = 0
-        while n < min(len(c), len(r)) - 1 and c[n] == r[n]:
-            n += 1
+        n = packing.shared_prefix_len([c, r])  # the packer's: each side keeps a token
         prefix.append(c[:n])
         suffixes.append([c[n:], r[n:]])
     scorer.score_token_groups(prefix, suffixes)

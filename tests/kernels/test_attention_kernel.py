@@ -11,10 +11,10 @@ Without a GPU the kernels run under the Triton interpreter (tests/conftest.py), 
 float16 only: Triton 3.9's interpreter computes tl.dot on bfloat16 wrongly, so bf16 is GPU-only.
 """
 
-import random
 
 import pytest
 import torch
+from helpers import pack_groups, random_groups
 from numerics import assert_2x_rule, eps_floor
 
 from themis_engine import kernels
@@ -36,39 +36,6 @@ def error_floor(name, dtype, exact):
 # --------------------------------------------------------------------------------------------
 # Metadata helpers: groups of one prefix + K suffixes, packed into one stream
 # --------------------------------------------------------------------------------------------
-def pack_groups(groups, lead=0):
-    """groups: [(prefix_len, [suffix_len, ...]), ...]. A group with prefix_len 0 is plain varlen:
-    each of its "suffixes" is a standalone segment. `lead` rows before the first segment belong to
-    no segment. Returns (cu_seqlens, prefix_start, prefix_len, max_seqlen), int32 tensors on CPU."""
-    cu, pstart, plen = [lead], [], []
-    for prefix, suffixes in groups:
-        if prefix > 0:
-            start = cu[-1]
-            cu.append(start + prefix)
-            pstart.append(0)
-            plen.append(0)
-        for n in suffixes:
-            cu.append(cu[-1] + n)
-            pstart.append(start if prefix > 0 else 0)
-            plen.append(prefix)
-    max_seqlen = max((b - a for a, b in zip(cu[:-1], cu[1:])), default=1)
-    return (*(torch.tensor(xs, dtype=torch.int32) for xs in (cu, pstart, plen)), max_seqlen)
-
-
-def random_groups(seed, max_prefix, max_suffix, max_k, n_groups=None, tokens=None, plain_every=0):
-    """Random groups, `n_groups` of them or until the stream holds `tokens` tokens; every
-    `plain_every`-th group (if > 0) is plain varlen (prefix 0)."""
-    rng = random.Random(seed)
-    groups, total = [], 0
-    while (n_groups is None or len(groups) < n_groups) and (tokens is None or total < tokens):
-        plain = plain_every and len(groups) % plain_every == 0
-        prefix = 0 if plain else rng.randint(1, max_prefix)
-        suffixes = [rng.randint(1, max_suffix) for _ in range(rng.randint(1, max_k))]
-        groups.append((prefix, suffixes))
-        total += prefix + sum(suffixes)
-    return groups
-
-
 def make_qkv(T, Hq, Hkv, D, dtype, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(T, h, D, generator=gen) for h in (Hq, Hkv, Hkv))

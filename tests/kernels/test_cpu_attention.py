@@ -16,45 +16,13 @@ import random
 
 import pytest
 import torch
+from helpers import pack_groups, random_groups
 from numerics import assert_2x_rule, eps_floor
 
 import themis_engine as te
 from themis_engine import kernels
 from themis_engine.kernels import cpu_attention, reference
 from themis_engine.packing.planner import flatten_groups, plan_python
-
-
-def pack_groups(groups, lead=0, prefix_last=False):
-    """groups: [(prefix_len, [suffix_len, ...]), ...]; prefix 0: each "suffix" is a standalone
-    segment. `lead` rows before the first segment are in none. prefix_last: each group's prefix is
-    stored after its suffixes (no suffix follows its prefix in the stream; not a layout the planner
-    makes, but the contract allows it). Returns (cu_seqlens, prefix_start, prefix_len, max_seqlen)."""
-    cu, pstart, plen = [lead], [], []
-    for prefix, suffixes in groups:
-        start = cu[-1] + (sum(suffixes) if prefix > 0 and prefix_last else 0)
-        if prefix > 0 and not prefix_last:
-            cu.append(start + prefix)
-            pstart.append(0)
-            plen.append(0)
-        for n in suffixes:
-            cu.append(cu[-1] + n)
-            pstart.append(start if prefix > 0 else 0)
-            plen.append(prefix)
-        if prefix > 0 and prefix_last:
-            cu.append(start + prefix)
-            pstart.append(0)
-            plen.append(0)
-    max_seqlen = max((b - a for a, b in zip(cu[:-1], cu[1:])), default=1)
-    return (*(torch.tensor(xs, dtype=torch.int32) for xs in (cu, pstart, plen)), max_seqlen)
-
-
-def random_groups(seed, n_groups, max_prefix, max_suffix, max_k, plain_every=0):
-    rng = random.Random(seed)
-    groups = []
-    for g in range(n_groups):
-        prefix = 0 if plain_every and g % plain_every == 0 else rng.randint(1, max_prefix)
-        groups.append((prefix, [rng.randint(1, max_suffix) for _ in range(rng.randint(1, max_k))]))
-    return groups
 
 
 def make_qkv(T, Hq, Hkv, D, seed=0):
@@ -96,10 +64,10 @@ CASES = {
     "plain_varlen_len1": ([(0, [1, 17, 33, 5, 1, 16])], 4, 4, 64),
     "pair_gqa4_d128": ([(37, [19, 1])], 8, 2, 128),
     "k16_gqa8_d64": ([(9, [1, 2, 3, 4, 5, 6, 7, 1, 2, 3, 4, 5, 6, 7, 8, 3])], 8, 1, 64),
-    "many_groups_gqa4_d128": (random_groups(3, 9, 40, 30, 4, plain_every=3), 8, 2, 128),
+    "many_groups_gqa4_d128": (random_groups(3, 40, 30, 4, n_groups=9, plain_every=3), 8, 2, 128),
     "length_one": ([(1, [1, 1, 1]), (0, [1, 1]), (1, [1])], 4, 1, 64),
     "long_prefix_short_suffixes_gqa8": ([(70, [3, 1, 17]), (0, [40])], 8, 1, 64),
-    "k16_random_gqa1_d128": (random_groups(11, 3, 50, 23, 16), 2, 2, 128),
+    "k16_random_gqa1_d128": (random_groups(11, 50, 23, 16, n_groups=3), 2, 2, 128),
 }
 
 

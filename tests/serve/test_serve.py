@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
-from helpers import conversation, make_checkpoint, random_text  # noqa: E402
+from helpers import conversation, make_checkpoint, random_text, serving  # noqa: E402
 
 import themis_engine as te  # noqa: E402
 from themis_engine.config import parse_args  # noqa: E402
@@ -49,26 +48,6 @@ def _free_socket() -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     return sock
-
-
-@contextmanager
-def serving(server: RewardServer):
-    """Run `server` under a real uvicorn in a background thread; yields its base URL."""
-    sock = _free_socket()
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

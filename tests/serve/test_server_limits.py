@@ -12,9 +12,7 @@ import re
 import resource
 import shutil
 import socket
-import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -22,6 +20,8 @@ import torch
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
+
+from helpers import serving  # noqa: E402
 
 import themis_engine as te  # noqa: E402
 from themis_engine.serve.app import RewardServer, ServeConfig, load_scorer, main, parse_request  # noqa: E402
@@ -35,32 +35,11 @@ def scorer(tiny_rm_dir):
     return te.Scorer.from_pretrained(tiny_rm_dir, device="cpu", dtype=torch.float32, max_length=MAX_LENGTH)
 
 
-@contextmanager
-def serving(server: RewardServer):
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield "127.0.0.1", port
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def live(scorer):
     server = RewardServer(ServeConfig(model="in-memory", max_length=MAX_LENGTH, max_batch_wait_ms=1), scorer=scorer)
-    with serving(server) as (host, port):
-        yield f"http://{host}:{port}", host, port
+    with serving(server) as base:
+        yield base, "127.0.0.1", int(base.rsplit(":", 1)[1])
 
 
 def _ready(base: str) -> bool:
@@ -141,8 +120,7 @@ def test_a_non_finite_score_is_null_counted_and_logged(tiny_rm_dir, caplog):
         broken.model.score.weight[2] = float("nan")  # one criterion's head (the weights on disk are refused)
     server = RewardServer(ServeConfig(model="in-memory", max_length=MAX_LENGTH, max_batch_wait_ms=1), scorer=broken)
     caplog.set_level(logging.WARNING)
-    with serving(server) as (host, port):
-        base = f"http://{host}:{port}"
+    with serving(server) as base:
         text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello"
         res = httpx.post(base + "/get_reward", json={"query": [text, text + " there"]})
         assert res.status_code == 200, res.text

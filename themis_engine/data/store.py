@@ -41,6 +41,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from themis_engine import chat
 from themis_engine.data.tokenize import OVERFLOW_POLICIES, _tokenize_chunk
 from themis_engine.errors import DataError
 
@@ -325,7 +326,7 @@ def _tokenize_shard(partial: Path, k: int, pairs, systems, lo: int, tokenizer, s
             cols["chosen_response_start"].append(t.chosen_response_start)
             cols["rejected_response_start"].append(t.rejected_response_start)
             cols["chosen_target_end"].append(t.chosen_target_end)
-            cols["prefix_len"].append(_prefix_len(t.chosen_ids, t.rejected_ids))
+            cols["prefix_len"].append(chat.common_prefix(t.chosen_ids, t.rejected_ids))
             cols["aspect_index"].append(t.aspect_index)
             cols["language"].append(code[t.language])
             cols["margin"].append(t.margin)
@@ -352,14 +353,6 @@ def _tokenize_shard(partial: Path, k: int, pairs, systems, lo: int, tokenizer, s
 
     atomic_write(_shard_path(partial, k), write)
     return len(pairs)
-
-
-def _prefix_len(a, b) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _read_shard(path: Path):

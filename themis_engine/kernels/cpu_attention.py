@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import torch
 
+from themis_engine.kernels import reference
+
 _FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -120,11 +122,6 @@ def _rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float64 stays float64 (the tests' oracle); everything else runs in float32, as the reference."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 class _CPUAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, prefix_start, prefix_len, scale):
@@ -134,7 +131,7 @@ class _CPUAttention(torch.autograd.Function):
             raise ValueError(f"attention: {Hq} query heads is not a multiple of {Hkv} kv heads")
         G = Hq // Hkv
         calls = _plan(cu_seqlens, prefix_start, prefix_len)
-        cdt = _compute_dtype(q)
+        cdt = reference._acc_dtype(q)  # float64 stays float64; the rest runs in float32, as the reference
         # the CPU kernels read the last dimension as contiguous (stride 1) and take the other
         # strides as given: a copy only for inputs that are not laid out so (no copy for float32 rows)
         cq, ck, cv = (_rows(x, cdt) for x in (q, k, v))
@@ -179,8 +176,6 @@ class _CPUAttention(torch.autograd.Function):
                     dk[start:stop] += _kv_rows(gk)
                     dv[start:stop] += _kv_rows(gv)
         if dlse is not None and bool((dlse[torch.isfinite(lse)] != 0).any()):
-            from themis_engine.kernels import reference
-
             with torch.enable_grad():
                 xs = [x.detach().requires_grad_() for x in (q, k, v)]
                 _, lse_ref = reference.attention(*xs, cu_seqlens, prefix_start, prefix_len, 0, scale)
