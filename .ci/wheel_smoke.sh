@@ -23,7 +23,8 @@ from pathlib import Path
 venv = Path(sys.argv[1]) / "venv"
 for name in ("themis_engine", "themis_engine.train.__main__", "themis_engine.eval.__main__",
              "themis_engine.serve.__main__", "themis_engine.integrations.trl", "themis_engine.integrations.verl",
-             "themis_engine.kernels", "themis_engine.kernels.reference", "themis_engine.scoring.demo",
+             "themis_engine.kernels", "themis_engine.kernels.reference", "themis_engine.kernels.cpu_attention",
+             "themis_engine.data.__main__", "themis_engine.scoring.demo",
              "themis_engine._planner"):
     mod = importlib.import_module(name)
     where = Path(mod.__file__).resolve()
@@ -34,6 +35,9 @@ PY
 "$PY" -m themis_engine.train --preset demo --data.synthetic_pairs=160 --run.max_steps=3 \
     --run.output="$WORK/run" --run.progress=false
 test -f "$WORK/run/export/config.json"
+"$PY" -m themis_engine.data preview --preset demo --data.synthetic_pairs=160 --first 1 --json > "$WORK/preview.jsonl"
+"$PY" -c "import json, sys; r = json.loads(open(sys.argv[1]).readline()); assert r['status'] == 'kept' and r['chosen']['ids'], r" \
+    "$WORK/preview.jsonl"
 
 "$PY" - "$WORK/crb.jsonl" <<'PY'
 import sys
